@@ -1,0 +1,620 @@
+"""Parquet output with an exactly-once commit per work unit.
+
+Layout under the output URI OUT:
+
+    OUT/<unit_id>.parquet                      final rows of one unit, sorted by (key, window)
+    OUT/_staging/<unit_id>/<run_id>-<uuid>.parquet   parts written by the Ray write stage
+    OUT/_commits/<unit_id>.json                the commit marker: the unit is done
+    OUT/_summary.json                          the last run's summary
+
+Protocol: write tasks stage parts (any number per unit, from any batch); the driver counts staged
+rows per unit (`CommitTracker`) and, once a unit's total is in, `commit_unit` merges exactly the
+parts it was told about into one file written in a single atomic step, then writes the marker.
+A rerun skips units whose marker matches (`check_resume`) and redoes the rest, overwriting the same
+deterministic file names, so nothing is duplicated or lost whatever point a run was killed at.
+Readers of `OUT/*.parquet` never see staging: it sits under `_staging`, which pyarrow.dataset
+skips (leading underscore) and which a `*.parquet` glob does not descend into.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import UserError
+from pipeline.storage import filesystem_for, join_uri
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, np.ndarray]
+
+METADATA_KEY = b"ast_label"
+STAGING_DIR = "_staging"
+COMMITS_DIR = "_commits"
+SUMMARY_NAME = "_summary.json"
+MARKER_VERSION = 1
+
+# S3 part size for final files: files under twice this go up in one PUT, bigger ones as a multipart
+# upload that becomes visible only when completed (s3fs aborts it on failure). 8 MiB parts keep a
+# retried part cheap; S3's minimum is 5 MiB.
+S3_PART_BYTES = 8 * 2**20
+# Row groups of about 64 MiB: the pyarrow default (1 Mi rows) would make a 768-dim shard a single
+# multi-GB group that readers must hold at once.
+ROW_GROUP_BYTES = 64 * 2**20
+# file_metadata entries that do not change a row's numbers, left out of the default fingerprint:
+# the same weights read from another path, or a new package release, may resume an output.
+FINGERPRINT_IGNORES = ("model", "package_version")
+# Distinct error reasons kept per marker; the rest are counted under one entry.
+MAX_ERROR_REASONS = 50
+
+# Unit ids become file names; a leading "_" or "." would hide the final file from readers.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class OutputError(UserError):
+    """The output location cannot take this run's results (another model's results, changed input
+    grouping); the message says what to do."""
+
+
+def output_schema(hidden_size: int, num_labels: int) -> pa.Schema:
+    """The columns of every output file, in order. Error rows hold null vectors and top lists."""
+    return pa.schema(
+        [
+            pa.field("shard", pa.string()),
+            pa.field("key", pa.string()),
+            pa.field("window", pa.int32()),
+            pa.field("start_s", pa.float64()),
+            pa.field("end_s", pa.float64()),
+            pa.field("duration_s", pa.float64()),
+            pa.field("sample_rate", pa.int32()),
+            pa.field("embedding", pa.list_(pa.float32(), hidden_size)),
+            pa.field("scores", pa.list_(pa.float32(), num_labels)),
+            pa.field("top_labels", pa.list_(pa.string())),
+            pa.field("top_scores", pa.list_(pa.float32())),
+            pa.field("metadata", pa.string()),
+            pa.field("error", pa.string()),
+        ]
+    )
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of everything that decides a row's numbers."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the write and commit steps need; pickled into every Ray write/commit task."""
+
+    output_uri: str
+    run_id: str
+    hidden_size: int
+    num_labels: int
+    # model name, weights sha256, label names, feature and window settings, package version
+    file_metadata: dict[str, Any] = field(default_factory=dict)
+    # "" -> fingerprint(file_metadata without FINGERPRINT_IGNORES)
+    model_fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        uri = self.output_uri.rstrip("/")
+        if "://" not in uri:
+            # Ray workers may run in another working directory than the driver.
+            uri = os.path.abspath(uri)
+        object.__setattr__(self, "output_uri", uri)
+        if not self.model_fingerprint:
+            settings = {k: v for k, v in self.file_metadata.items() if k not in FINGERPRINT_IGNORES}
+            object.__setattr__(self, "model_fingerprint", fingerprint(settings))
+        _check_name("run id", self.run_id)
+
+    @cached_property
+    def schema(self) -> pa.Schema:
+        """output_schema with the file metadata (JSON under b"ast_label") attached."""
+        described = {**self.file_metadata, "model_fingerprint": self.model_fingerprint}
+        text = json.dumps(described, sort_keys=True, default=str)
+        return output_schema(self.hidden_size, self.num_labels).with_metadata({METADATA_KEY: text})
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(self.file_metadata.get("label_names", ()))
+
+
+# --- rows -> Arrow ------------------------------------------------------------------------------
+
+
+def rows_to_table(batch: Batch, spec: OutputSpec) -> pa.Table:
+    """A numpy batch of result rows -> a table with exactly the output schema.
+
+    Vectors come as (B, D) float arrays or object arrays with None on error rows. Top lists come as
+    `top_labels`/`top_scores` (object arrays of lists, or (B, k) arrays), or are derived from
+    `top_index` (B, k) with the spec's label names. Every row whose `error` is set gets null
+    vectors and top lists whatever the batch holds there (the classifier fills zeros for them).
+    Extra columns (unit_id, unit_rows, ...) are ignored. NaN in the float columns becomes null.
+    """
+    error = optional_strings(batch["error"])
+    failed = np.asarray(error.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    top_labels, top_scores = _top_lists(batch, spec)
+    columns = {
+        "shard": pa.array(batch["shard"], type=pa.string()),
+        "key": pa.array(batch["key"], type=pa.string()),
+        "window": pa.array(batch["window"], type=pa.int32()),
+        "start_s": pa.array(batch["start_s"], type=pa.float64(), from_pandas=True),
+        "end_s": pa.array(batch["end_s"], type=pa.float64(), from_pandas=True),
+        "duration_s": pa.array(batch["duration_s"], type=pa.float64(), from_pandas=True),
+        "sample_rate": pa.array(batch["sample_rate"], type=pa.int32()),
+        "embedding": _vector_column(batch, "embedding", spec.hidden_size, failed),
+        "scores": _vector_column(batch, "scores", spec.num_labels, failed),
+        "top_labels": _list_column(top_labels, pa.string(), failed, batch, "top_labels"),
+        "top_scores": _list_column(top_scores, pa.float32(), failed, batch, "top_scores"),
+        "metadata": optional_strings(batch["metadata"]),
+        "error": error,
+    }
+    return pa.Table.from_arrays(list(columns.values()), schema=spec.schema)
+
+
+def optional_strings(values: Sequence) -> pa.Array:
+    """A nullable string column. Ray hands over a block whose values were all None as a float
+    column of NaN (Arrow's null type turned into numpy), so anything but a string means null."""
+    return pa.array([value if isinstance(value, str) else None for value in values], type=pa.string())
+
+
+def _top_lists(batch: Batch, spec: OutputSpec) -> tuple[Sequence, Sequence]:
+    if "top_labels" in batch:
+        return batch["top_labels"], batch["top_scores"]
+    top_index = np.asarray(batch["top_index"], dtype=np.int64)  # (B, k)
+    names = np.asarray(spec.label_names, dtype=object)
+    if len(names) != spec.num_labels:
+        raise ValueError(
+            f"top_index needs {spec.num_labels} label names, file_metadata has {len(names)}"
+        )
+    scores = _dense_or_none(batch["scores"], spec.num_labels)
+    return names[top_index], np.take_along_axis(scores, top_index, axis=1)
+
+
+def _dense_or_none(values: np.ndarray, size: int) -> np.ndarray:
+    """(B, size) float32; object rows that are None become zeros (only error rows may be None)."""
+    if values.dtype != object:
+        return values
+    dense = np.zeros((len(values), size), dtype=np.float32)
+    for i, vector in enumerate(values):
+        if vector is not None:
+            dense[i] = vector
+    return dense
+
+
+def _vector_column(batch: Batch, name: str, size: int, failed: np.ndarray) -> pa.Array:
+    values = batch[name]
+    count = len(failed)
+    if values.dtype != object:
+        if values.shape != (count, size):
+            raise ValueError(f"{name}: expected shape ({count}, {size}), got {values.shape}")
+        matrix = values.astype(np.float32, copy=False)
+    else:
+        matrix = np.zeros((count, size), dtype=np.float32)
+        for i, vector in enumerate(values):
+            if failed[i]:
+                continue
+            if vector is None:
+                raise ValueError(
+                    f"{name}: row {i} (key {batch['key'][i]!r}) has no vector and no error"
+                )
+            vector = np.asarray(vector, dtype=np.float32)
+            if vector.shape != (size,):
+                raise ValueError(f"{name}: row {i} has shape {vector.shape}, expected ({size},)")
+            matrix[i] = vector
+    flat = pa.array(np.ascontiguousarray(matrix).reshape(-1))  # (B * size,)
+    return pa.FixedSizeListArray.from_arrays(flat, size, mask=pa.array(failed))
+
+
+def _list_column(
+    values: Sequence, value_type: pa.DataType, failed: np.ndarray, batch: Batch, name: str
+) -> pa.Array:
+    items: list[np.ndarray | None] = []
+    for i, value in enumerate(values):
+        if failed[i]:
+            items.append(None)
+        elif value is None:
+            raise ValueError(f"{name}: row {i} (key {batch['key'][i]!r}) has no list and no error")
+        else:
+            items.append(np.asarray(value).reshape(-1))
+    offsets = np.zeros(len(items) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum([0 if item is None else len(item) for item in items])
+    present = [item for item in items if item is not None and len(item)]
+    flat = np.concatenate(present) if present else []
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(flat, type=value_type), mask=pa.array(failed)
+    )
+
+
+# --- staging (inside Ray write tasks) ----------------------------------------------------------
+
+
+def write_staging_parts(batch: Batch, spec: OutputSpec) -> dict[str, np.ndarray]:
+    """Writes one staging part per unit present in the batch; returns one record per part.
+
+    Records: unit_id, part_uri, rows, unit_rows (the unit's total when this part holds the row
+    that carries it, else 0). The driver feeds them to CommitTracker.
+    """
+    table = rows_to_table(batch, spec)
+    unit_ids = np.asarray(batch["unit_id"]).astype(str)
+    count = len(unit_ids)
+    unit_rows = np.asarray(batch.get("unit_rows", np.zeros(count)), dtype=np.int64)
+    fs, root = filesystem_for(spec.output_uri)
+    ids, group_of_row = np.unique(unit_ids, return_inverse=True)
+    records: dict[str, list] = {"unit_id": [], "part_uri": [], "rows": [], "unit_rows": []}
+    for group, unit_id in enumerate(ids):
+        _check_name("unit id", unit_id)
+        rows = np.flatnonzero(group_of_row == group)
+        name = f"{spec.run_id}-{uuid.uuid4().hex}.parquet"
+        _put(
+            fs,
+            posixpath.join(root, STAGING_DIR, unit_id, name),
+            _parquet_bytes(table.take(rows), spec),
+        )
+        records["unit_id"].append(unit_id)
+        records["part_uri"].append(join_uri(spec.output_uri, STAGING_DIR, unit_id, name))
+        records["rows"].append(len(rows))
+        records["unit_rows"].append(int(unit_rows[rows].max()))
+    return {
+        "unit_id": np.array(records["unit_id"], dtype=object),
+        "part_uri": np.array(records["part_uri"], dtype=object),
+        "rows": np.array(records["rows"], dtype=np.int64),
+        "unit_rows": np.array(records["unit_rows"], dtype=np.int64),
+    }
+
+
+# --- commit tracking (driver) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompletedUnit:
+    unit_id: str
+    part_uris: tuple[str, ...]
+    rows: int
+
+
+@dataclass
+class _UnitParts:
+    part_uris: list[str] = field(default_factory=list)
+    rows: int = 0
+    total: int = 0  # 0 until the record carrying the unit's total arrives
+
+
+class CommitTracker:
+    """Counts staged rows per unit; a unit is complete when its total is known and all rows are in.
+
+    Holds only units in flight: a completed unit is forgotten, so a record arriving for it later
+    (which would mean duplicate rows) opens a new entry that never completes and shows in `pending`.
+    """
+
+    def __init__(self) -> None:
+        self._units: dict[str, _UnitParts] = {}
+
+    def add(self, records: Batch) -> list[CompletedUnit]:
+        completed: list[CompletedUnit] = []
+        unit_rows = records.get("unit_rows", np.zeros(len(records["unit_id"]), dtype=np.int64))
+        for unit_id, part_uri, rows, total in zip(
+            records["unit_id"], records["part_uri"], records["rows"], unit_rows, strict=True
+        ):
+            unit_id, part_uri, rows, total = str(unit_id), str(part_uri), int(rows), int(total)
+            unit = self._units.setdefault(unit_id, _UnitParts())
+            if part_uri in unit.part_uris:
+                continue  # the same record seen twice names the same rows: count them once
+            if total and unit.total and total != unit.total:
+                raise RuntimeError(
+                    f"unit {unit_id}: two different row totals, {unit.total} and {total}"
+                )
+            unit.total = total or unit.total
+            unit.part_uris.append(part_uri)
+            unit.rows += rows
+            if unit.total and unit.rows > unit.total:
+                raise RuntimeError(
+                    f"unit {unit_id}: {unit.rows} rows staged but the unit has {unit.total}; "
+                    "refusing to commit duplicates"
+                )
+            if unit.total and unit.rows == unit.total:
+                completed.append(CompletedUnit(unit_id, tuple(unit.part_uris), unit.rows))
+                del self._units[unit_id]
+        return completed
+
+    @property
+    def pending(self) -> dict[str, tuple[int, int]]:
+        """unit_id -> (rows staged, total or 0 when unknown) for units not yet complete."""
+        return {unit_id: (unit.rows, unit.total) for unit_id, unit in self._units.items()}
+
+
+# --- commit (a plain function; the driver runs it as a Ray task) -------------------------------
+
+
+def commit_unit(
+    spec: OutputSpec,
+    unit_id: str,
+    sources: Sequence[str],
+    part_uris: Sequence[str],
+    expected_rows: int,
+) -> dict[str, Any]:
+    """Merges a unit's staged parts into OUT/<unit_id>.parquet, writes its marker, clears staging.
+
+    The final file appears in one atomic step, then the marker (the commit point), then the unit's
+    whole staging folder goes, including parts of killed earlier runs that no tracker listed.
+    Committing again writes the same file bytes. Returns the marker.
+    """
+    _check_name("unit id", unit_id)
+    fs, root = filesystem_for(spec.output_uri)
+    part_paths = [filesystem_for(uri)[1] for uri in part_uris]
+    tables = [pq.read_table(pa.BufferReader(blob)) for blob in _read_all(fs, part_paths)]
+    table = pa.concat_tables(tables) if tables else spec.schema.empty_table()
+    if table.num_rows != expected_rows:
+        raise RuntimeError(
+            f"unit {unit_id}: staged parts hold {table.num_rows} rows, expected {expected_rows}"
+        )
+    if not table.schema.equals(spec.schema, check_metadata=False):
+        raise RuntimeError(f"unit {unit_id}: staged parts do not have this run's schema")
+    table = _sorted(table).replace_schema_metadata(spec.schema.metadata)
+
+    data = _parquet_bytes(table, spec)
+    _put(fs, posixpath.join(root, f"{unit_id}.parquet"), data)
+    marker = {
+        "version": MARKER_VERSION,
+        "unit_id": unit_id,
+        "sources": list(sources),
+        "file": f"{unit_id}.parquet",
+        "bytes": len(data),
+        **_unit_counts(table),
+        "model_fingerprint": spec.model_fingerprint,
+        "run_id": spec.run_id,
+        "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _put(fs, _marker_path(root, unit_id), json.dumps(marker, indent=2, sort_keys=True).encode())
+    _remove(fs, posixpath.join(root, STAGING_DIR, unit_id))
+    return marker
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    # error breaks the tie of a duplicate key's error row with that key's first window, so the
+    # order (and the file bytes) do not depend on how batches happened to arrive. Nulls become ""
+    # so the order is the same whatever pyarrow's null-placement defaults.
+    sort_columns = pa.table(
+        {
+            "key": table["key"],
+            "window": table["window"],
+            "error": pc.fill_null(table["error"], ""),
+        }
+    )
+    order = pc.sort_indices(
+        sort_columns, sort_keys=[(name, "ascending") for name in sort_columns.column_names]
+    )
+    return table.take(order)
+
+
+def _unit_counts(table: pa.Table) -> dict[str, Any]:
+    """Marker counts. audio_seconds: each labeled file's source duration counted once (windows
+    may overlap, so summing window lengths would count audio twice)."""
+    ok = table.filter(pc.is_null(table["error"]))
+    durations = ok.group_by("key").aggregate([("duration_s", "max")])["duration_s_max"]
+    reasons = Counter(table["error"].drop_null().to_pylist())
+    kept = dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0]))[:MAX_ERROR_REASONS])
+    if len(reasons) > len(kept):
+        kept["(other reasons)"] = sum(reasons.values()) - sum(kept.values())
+    return {
+        "rows": table.num_rows,
+        "files": pc.count_distinct(table["key"], mode="all").as_py(),
+        "windows": ok.num_rows,
+        "errors": table.num_rows - ok.num_rows,
+        "audio_seconds": round(float(pc.sum(durations).as_py() or 0.0), 6),
+        "error_reasons": kept,
+    }
+
+
+def _parquet_bytes(table: pa.Table, spec: OutputSpec) -> bytes:
+    row_bytes = 4 * (spec.hidden_size + spec.num_labels) + 256
+    buffer = io.BytesIO()
+    pq.write_table(
+        table, buffer, compression="zstd", row_group_size=max(1024, ROW_GROUP_BYTES // row_bytes)
+    )
+    return buffer.getvalue()
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+
+def read_commit_markers(output_uri: str) -> dict[str, dict[str, Any]]:
+    """unit_id -> marker for every readable marker under OUT/_commits."""
+    fs, root = filesystem_for(output_uri)
+    paths = [
+        path
+        for path in _list(fs, posixpath.join(root, COMMITS_DIR))
+        if path.endswith(".json") and not posixpath.basename(path).startswith(".")
+    ]
+    markers: dict[str, dict[str, Any]] = {}
+    for path, blob in zip(paths, _read_all(fs, paths), strict=True):
+        unit_id = posixpath.basename(path)[: -len(".json")]
+        try:
+            marker = json.loads(blob)
+            valid = marker["unit_id"] == unit_id
+        except (ValueError, KeyError, TypeError):
+            valid = False
+        if valid:
+            markers[unit_id] = marker
+        else:  # never written by commit_unit (its writes are atomic): redo that unit
+            log.warning("ignoring unreadable commit marker %s", path)
+    return markers
+
+
+def check_resume(
+    output_uri: str,
+    planned_units: Iterable[tuple[str, Sequence[str]]],
+    model_fingerprint: str,
+    overwrite: bool,
+) -> set[str]:
+    """The planned unit ids already committed under output_uri, to skip.
+
+    Raises OutputError when the output holds another model's/settings' results, or units that
+    group this plan's inputs differently (rows would be duplicated). overwrite=True first deletes
+    every ast-label file of the output (final *.parquet, _commits/, _staging/, _summary.json;
+    nothing else) and returns an empty set. A marker without its final file does not count.
+    """
+    fs, root = filesystem_for(output_uri)
+    if overwrite:
+        _wipe(fs, root)
+        return set()
+    plan = {unit_id: tuple(sources) for unit_id, sources in planned_units}
+    source_unit = {source: unit_id for unit_id, sources in plan.items() for source in sources}
+    markers = read_commit_markers(output_uri)
+    for unit_id, marker in sorted(markers.items()):
+        if marker.get("model_fingerprint") != model_fingerprint:
+            raise OutputError(
+                f"{output_uri} holds results from another model or settings (unit {unit_id}); "
+                "use --overwrite to replace them, or another output"
+            )
+    for unit_id, marker in sorted(markers.items()):
+        sources = tuple(marker.get("sources", ()))
+        regrouped = unit_id in plan and set(sources) != set(plan[unit_id])
+        overlap = unit_id not in plan and any(source in source_unit for source in sources)
+        if regrouped or overlap:
+            shared = next((s for s in sources if s in source_unit), sources[0] if sources else "")
+            raise OutputError(
+                f"{output_uri}: committed unit {unit_id} groups the inputs differently from "
+                f"this run (e.g. {shared}), so rows would be duplicated; "
+                "use --overwrite or another output"
+            )
+    final_files = {
+        posixpath.basename(path) for path in _list(fs, root) if path.endswith(".parquet")
+    }
+    committed = {
+        unit_id for unit_id in plan if unit_id in markers and f"{unit_id}.parquet" in final_files
+    }
+    # Staging left by a run killed after a marker but before its cleanup: those units are skipped
+    # now, so nothing else would ever remove it.
+    for path in _list(fs, posixpath.join(root, STAGING_DIR)):
+        if posixpath.basename(path) in committed:
+            _remove(fs, path)
+    return committed
+
+
+def write_summary(output_uri: str, summary: Mapping[str, Any]) -> None:
+    fs, root = filesystem_for(output_uri)
+    _put(
+        fs,
+        posixpath.join(root, SUMMARY_NAME),
+        json.dumps(summary, indent=2, sort_keys=True).encode(),
+    )
+
+
+def _wipe(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    # Markers first: a wipe killed halfway leaves no marker pointing at a deleted file.
+    _remove(fs, posixpath.join(root, COMMITS_DIR))
+    for path in _list(fs, root):
+        name = posixpath.basename(path)
+        if name.endswith(".parquet") or _is_temp_name(name):
+            _remove(fs, path)
+    _remove(fs, posixpath.join(root, STAGING_DIR))
+    _remove(fs, posixpath.join(root, SUMMARY_NAME))
+
+
+# --- storage primitives -----------------------------------------------------------------------
+
+
+def _check_name(what: str, name: str) -> None:
+    if not _SAFE_NAME.match(name):
+        raise ValueError(
+            f"{what} {name!r} is not a safe file name ([A-Za-z0-9._-], no leading . or _)"
+        )
+
+
+def _marker_path(root: str, unit_id: str) -> str:
+    return posixpath.join(root, COMMITS_DIR, f"{unit_id}.json")
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def _is_temp_name(name: str) -> bool:
+    return name.startswith(".") and ".tmp-" in name
+
+
+def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Writes a whole file so that readers see either nothing/the old file or all of the new one.
+
+    Local: a hidden temp file in the same folder, fsync, os.replace. Object stores: one pipe_file,
+    a single PUT or (s3fs, big files) a multipart upload that only appears once completed.
+    """
+    if not _is_local(fs):
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        fs.pipe_file(path, data, **({"chunksize": S3_PART_BYTES} if "s3" in protocols else {}))
+        return
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(temp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+        raise
+    # Make the rename durable before the caller writes anything that depends on it (the marker).
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(folder_fd)
+    finally:
+        os.close(folder_fd)
+
+
+def _list(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Direct children of path; [] when it does not exist. Never from a stale listing cache:
+    other processes (Ray tasks, earlier runs) write here."""
+    fs.invalidate_cache(path)
+    try:
+        return list(fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def _read_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes]:
+    """Whole files, in order; s3fs fetches them concurrently. (fs.cat would treat [ ] * ? in a
+    path as a glob; cat_ranges takes paths literally.) Memory: the files' bytes at once."""
+    return fs.cat_ranges(paths, None, None, on_error="raise") if paths else []
+
+
+def _remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Deletes a file or a whole folder/prefix; nothing when it does not exist."""
+    if _is_local(fs):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        return
+    fs.invalidate_cache(path)
+    objects = fs.find(path)  # the object itself, or every object under the prefix
+    if any(_GLOB_CHARS.search(name) for name in objects):
+        for name in objects:  # fs.rm would expand these names as glob patterns
+            fs.rm_file(name)
+    elif objects:
+        fs.rm(objects)  # s3fs: bulk deletes of up to 1000 keys
