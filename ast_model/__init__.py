@@ -1,32 +1,35 @@
 """The Audio Spectrogram Transformer for batch labeling: features, model, checkpoints, labels.
 
-Free of Ray and of the pipeline: importable and testable alone.
+Free of Ray and of the pipeline: importable and testable alone. Names are imported on first use
+(PEP 562), so that `import ast_model.config` stays light: the command line reads DEFAULT_MODEL
+without paying for torch.
 """
 
-from ast_model.checkpoint import (
-    DEFAULT_MODEL,
-    CheckpointError,
-    LoadedModel,
-    load_checkpoint,
-    save_checkpoint,
-)
-from ast_model.config import ASTConfig
-from ast_model.features import FbankConfig, compute_fbank, num_fbank_frames
-from ast_model.labels import scores_from_logits, top_k
-from ast_model.model import ASTForAudioClassification, ASTOutput
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "ASTConfig",
-    "ASTForAudioClassification",
-    "ASTOutput",
-    "CheckpointError",
-    "FbankConfig",
-    "LoadedModel",
-    "compute_fbank",
-    "load_checkpoint",
-    "num_fbank_frames",
-    "save_checkpoint",
-    "scores_from_logits",
-    "top_k",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DEFAULT_MODEL": "ast_model.config",
+    "ASTConfig": "ast_model.config",
+    "CheckpointError": "ast_model.checkpoint",
+    "LoadedModel": "ast_model.checkpoint",
+    "load_checkpoint": "ast_model.checkpoint",
+    "save_checkpoint": "ast_model.checkpoint",
+    "FbankConfig": "ast_model.features",
+    "compute_fbank": "ast_model.features",
+    "num_fbank_frames": "ast_model.features",
+    "scores_from_logits": "ast_model.labels",
+    "top_k": "ast_model.labels",
+    "ASTForAudioClassification": "ast_model.model",
+    "ASTOutput": "ast_model.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ast_model' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

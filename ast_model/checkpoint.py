@@ -22,10 +22,9 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from ast_model.config import ASTConfig
+from ast_model.config import DEFAULT_MODEL, ASTConfig
 from ast_model.model import ASTForAudioClassification
 
-DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "ast-label-default"
 BUNDLED_MODEL_DIR = Path(__file__).parent / "default"
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 HF_MODEL_TYPE = "audio-spectrogram-transformer"
+# `--model default`: the small checkpoint bundled in ast_model/default (see its model card).
+DEFAULT_MODEL = "default"
 MULTI_LABEL = "multi_label_classification"
 SINGLE_LABEL = "single_label_classification"
 AUDIOSET_NUM_LABELS = 527
