@@ -64,7 +64,7 @@ def write_checkpoint(size: str, directory: Path) -> Path:
 
 
 def write_corpus(directory: Path, clips: int, seed: int = 0) -> list[tuple[str, bytes]]:
-    """Tar shards of 10 s mono 16 kHz FLAC clips (tones in noise); returns (name, bytes) per clip."""
+    """Tar shards of 10 s mono 16 kHz FLAC clips (tones in noise); returns each clip's bytes."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     clips_bytes = []
@@ -176,14 +176,16 @@ def main() -> None:
         base_s = baseline_seconds(checkpoint, clips)
         ours = run_ast_label(root / "corpus", root / "out", checkpoint, args.batch_size)
         print(
-            f"model {args.size}, {len(clips)} clips of {CLIP_S:g} s, {torch.get_num_threads()} torch threads"
+            f"model {args.size}, {len(clips)} clips of {CLIP_S:g} s, "
+            f"{torch.get_num_threads()} torch threads"
         )
         print(
             f"transformers loop : {base_s:8.1f} s  {len(clips) / base_s:7.2f} clips/s  "
             f"{audio_hours / base_s * 3600:8.1f} audio-s/s"
         )
         print(
-            f"ast-label run     : {ours['wall_s']:8.1f} s  {len(clips) / ours['wall_s']:7.2f} clips/s  "
+            f"ast-label run     : {ours['wall_s']:8.1f} s  "
+            f"{len(clips) / ours['wall_s']:7.2f} clips/s  "
             f"{audio_hours / ours['wall_s'] * 3600:8.1f} audio-s/s  (incl. Ray start-up)"
         )
         print(f"ratio ast-label / transformers (clips/s): {base_s / ours['wall_s']:.2f}x")

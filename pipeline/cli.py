@@ -68,7 +68,7 @@ def predict(files, model, top_k, as_json, scores, embedding, device) -> None:
         else:
             labels = ", ".join(
                 f"{label} {score:.3f}"
-                for label, score in zip(prediction.top_labels, prediction.top_scores)
+                for label, score in zip(prediction.top_labels, prediction.top_scores, strict=True)
             )
             click.echo(f"{path}: {labels}")
     if failures:
@@ -80,10 +80,18 @@ def predict(files, model, top_k, as_json, scores, embedding, device) -> None:
 @click.option("--output", "-o", required=True, help="Output folder or URI (s3://bucket/prefix).")
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 @click.option("--manifest", help="File listing input URIs: text (one per line), CSV or Parquet.")
-@click.option("--batch-size", type=int, help="Windows per model batch [default: 64 on GPU, 16 on CPU].")
+@click.option(
+    "--batch-size", type=int, help="Windows per model batch [default: 64 on GPU, 16 on CPU]."
+)
 @click.option("--feature-actors", type=int, help="CPU fbank actors [default: CPUs/4, at least 1].")
-@click.option("--classifier-actors", type=int, help="Model actors [default: one per GPU; on CPU one per 8 CPUs].")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option(
+    "--classifier-actors",
+    type=int,
+    help="Model actors [default: one per GPU; on CPU one per 8 CPUs].",
+)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
 @click.option(
     "--precision",
     default="auto",
@@ -91,19 +99,53 @@ def predict(files, model, top_k, as_json, scores, embedding, device) -> None:
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
     help="auto: bf16 autocast on GPU, fp32 on CPU.",
 )
-@click.option("--window-s", type=float, help="Window length in seconds [default: the model's input, 10.24].")
-@click.option("--hop-s", type=float, help="Hop between windows in seconds [default: the window length].")
+@click.option(
+    "--window-s", type=float, help="Window length in seconds [default: the model's input, 10.24]."
+)
+@click.option(
+    "--hop-s", type=float, help="Hop between windows in seconds [default: the window length]."
+)
 @click.option("--top-k", default=5, show_default=True, type=int)
-@click.option("--max-duration-s", default=3600.0, show_default=True, type=float,
-              help="Files longer than this become error rows.")
-@click.option("--files-per-unit", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Plain audio files grouped per output file.")
-@click.option("--norm-stats", help="JSON from `jobs.norm_stats` to use instead of AudioSet's mean/std.")
-@click.option("--overwrite", is_flag=True, help="Delete this output's earlier results and start again.")
+@click.option(
+    "--max-duration-s",
+    default=3600.0,
+    show_default=True,
+    type=float,
+    help="Files longer than this become error rows.",
+)
+@click.option(
+    "--files-per-unit",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Plain audio files grouped per output file.",
+)
+@click.option(
+    "--norm-stats", help="JSON from `jobs.norm_stats` to use instead of AudioSet's mean/std."
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Delete this output's earlier results and start again."
+)
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join [default: a local Ray].")
-def run(inputs, output, model, manifest, batch_size, feature_actors, classifier_actors, device,
-        precision, window_s, hop_s, top_k, max_duration_s, files_per_unit, norm_stats, overwrite,
-        address) -> None:
+def run(
+    inputs,
+    output,
+    model,
+    manifest,
+    batch_size,
+    feature_actors,
+    classifier_actors,
+    device,
+    precision,
+    window_s,
+    hop_s,
+    top_k,
+    max_duration_s,
+    files_per_unit,
+    norm_stats,
+    overwrite,
+    address,
+) -> None:
     """Label INPUTS (tar shards, audio files, folders, globs, brace ranges, s3:// URIs) into
     Parquet under --output, exactly once per file; rerun the same command to resume."""
     from pipeline.run import RunConfig, format_summary, run_labeling
@@ -135,8 +177,14 @@ def run(inputs, output, model, manifest, batch_size, feature_actors, classifier_
 
 
 @main.command()
-@click.option("--output", "-o", default="ast-label-demo", show_default=True, type=click.Path(path_type=Path),
-              help="Folder for the generated corpus and its labels.")
+@click.option(
+    "--output",
+    "-o",
+    default="ast-label-demo",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the generated corpus and its labels.",
+)
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
 def demo(output: Path, model: str) -> None:
     """Generate a small synthetic corpus, label it with the real pipeline in local mode, and show

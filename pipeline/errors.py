@@ -4,4 +4,4 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """Bad input, option, output location or model: the message says what is wrong and what to do."""
+    """Bad input, option, output or model: the message says what is wrong and what to do."""

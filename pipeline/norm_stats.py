@@ -30,6 +30,7 @@ import torch
 
 from ast_model.features import FbankConfig, compute_fbank, num_fbank_frames
 from pipeline.audio import AudioError, cut_windows, decode_audio
+from pipeline.cluster import init_ray
 from pipeline.errors import UserError
 from pipeline.sources import InputError, WorkUnit, plan_work_units, read_unit_members
 from pipeline.storage import error_reason, filesystem_for, is_local
@@ -111,7 +112,7 @@ class FbankMoments:
     errors: int = 0
 
     def __add__(self, other: FbankMoments) -> FbankMoments:
-        return FbankMoments(*(a + b for a, b in zip(astuple(self), astuple(other))))
+        return FbankMoments(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     def stats(self, source: Sequence[str]) -> NormStats:
         if self.values == 0:
@@ -179,7 +180,7 @@ _MOMENT_FIELDS = tuple(field.name for field in fields(FbankMoments))
 
 def _moments_batch(batch: dict[str, np.ndarray], limits: ReadLimits) -> dict[str, np.ndarray]:
     """Ray Data UDF: rows of serialised work units -> one row of moments per unit."""
-    moments = [unit_moments(WorkUnit(**json.loads(str(text))), limits) for text in batch["unit"]]
+    moments = [unit_moments(WorkUnit.from_json(str(text)), limits) for text in batch["unit"]]
     return {name: np.array([getattr(m, name) for m in moments]) for name in _MOMENT_FIELDS}
 
 
@@ -195,11 +196,9 @@ def compute_norm_stats(
     import ray
 
     units = plan_work_units(inputs, manifest, files_per_unit)
-    if not ray.is_initialized():
-        # Inside a Ray job RAY_ADDRESS is set and ray.init() joins that cluster.
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    init_ray(address)
     echo(f"measuring fbank statistics of {len(units)} work units")
-    rows = [{"unit": json.dumps(asdict(unit))} for unit in units]
+    rows = [{"unit": unit.to_json()} for unit in units]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     # One task per unit; its result is six numbers, so collecting them all on the driver is cheap.
     results = dataset.map_batches(

@@ -177,7 +177,8 @@ def rows_to_table(batch: Batch, spec: OutputSpec) -> pa.Table:
 def optional_strings(values: Sequence) -> pa.Array:
     """A nullable string column. Ray hands over a block whose values were all None as a float
     column of NaN (Arrow's null type turned into numpy), so anything but a string means null."""
-    return pa.array([value if isinstance(value, str) else None for value in values], type=pa.string())
+    strings = [value if isinstance(value, str) else None for value in values]
+    return pa.array(strings, type=pa.string())
 
 
 def _top_lists(batch: Batch, spec: OutputSpec) -> tuple[Sequence, Sequence]:

@@ -41,7 +41,9 @@ class Prediction:
 
 
 class FilePredictor:
-    def __init__(self, loaded: LoadedModel, fbank_config: FbankConfig | None = None, device: str = "cpu"):
+    def __init__(
+        self, loaded: LoadedModel, fbank_config: FbankConfig | None = None, device: str = "cpu"
+    ):
         self.loaded = loaded
         self.fbank_config = fbank_config or FbankConfig.for_model(loaded.config)
         self.device = torch.device(device)

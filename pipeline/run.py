@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Callable
 
 from ast_model.checkpoint import DEFAULT_MODEL, LoadedModel, load_checkpoint
 from ast_model.features import FbankConfig
+from pipeline.cluster import init_ray
 from pipeline.errors import UserError
 from pipeline.output import (
     CommitTracker,
@@ -22,7 +23,7 @@ from pipeline.output import (
     write_summary,
 )
 from pipeline.sources import WorkUnit, plan_work_units
-from pipeline.stages import Classify, Featurize, ReadSettings, read_units, unit_to_row
+from pipeline.stages import Classify, Featurize, ReadSettings, read_units
 
 # Commits are small tasks (read the unit's parts, write one file); bound how many wait at once.
 MAX_COMMITS_IN_FLIGHT = 16
@@ -119,11 +120,13 @@ def _label_units(
     parts; the driver commits each unit once all of its rows are staged."""
     import ray
 
-    _init_ray(config.address)
+    init_ray(config.address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     if config.device == "cuda" and gpus == 0 and not config.address:
-        raise UserError("--device cuda: this machine has no GPU that Ray can use; use --device cpu or auto")
+        raise UserError(
+            "--device cuda: this machine has no GPU that Ray can use; use --device cpu or auto"
+        )
     # --device cuda on a cluster with no GPU node up yet asks the autoscaler for one.
     use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
     # Ray Data spreads actor pools over all nodes; with GPUs in the cluster the CPU stages use
@@ -140,7 +143,7 @@ def _label_units(
     model_ref = ray.put(loaded)
 
     dataset = ray.data.from_items(
-        [unit_to_row(unit) for unit in units], override_num_blocks=len(units)
+        [{"unit": unit.to_json()} for unit in units], override_num_blocks=len(units)
     )
     # One task per work unit streams its members; small CPU share so reads overlap with actors.
     dataset = dataset.map_batches(
@@ -193,7 +196,9 @@ def _label_units(
 class _Committer:
     """Runs commit_unit as small Ray tasks while the stream goes on, and reports each commit."""
 
-    def __init__(self, spec: OutputSpec, sources: dict[str, tuple[str, ...]], echo: Callable[[str], None]):
+    def __init__(
+        self, spec: OutputSpec, sources: dict[str, tuple[str, ...]], echo: Callable[[str], None]
+    ):
         import ray
 
         self.spec = spec
@@ -205,7 +210,9 @@ class _Committer:
 
     def submit(self, unit: CompletedUnit) -> None:
         self.in_flight.append(
-            self.task.remote(self.spec, unit.unit_id, self.sources[unit.unit_id], unit.part_uris, unit.rows)
+            self.task.remote(
+                self.spec, unit.unit_id, self.sources[unit.unit_id], unit.part_uris, unit.rows
+            )
         )
         while len(self.in_flight) > MAX_COMMITS_IN_FLIGHT:
             self._report(num_returns=1, timeout=None)
@@ -221,28 +228,16 @@ class _Committer:
     def _report(self, num_returns: int, timeout: float | None) -> None:
         import ray
 
-        finished, self.in_flight = ray.wait(self.in_flight, num_returns=num_returns, timeout=timeout)
+        finished, self.in_flight = ray.wait(
+            self.in_flight, num_returns=num_returns, timeout=timeout
+        )
         for marker in ray.get(finished):
             self.done += 1
             self.echo(
-                f"committed {self.done}/{len(self.sources)} {marker['unit_id']}: {marker['files']} files, "
+                f"committed {self.done}/{len(self.sources)} {marker['unit_id']}: "
+                f"{marker['files']} files, "
                 f"{marker['windows']} windows, {marker['errors']} errors"
             )
-
-
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Inside a Ray job RAY_ADDRESS names the job's cluster (the CLI reads it into --address).
-    # Without an address, "local" starts a Ray on this machine: plain ray.init() would instead
-    # join whatever cluster `ray start` last left running here.
-    if address:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-    else:
-        # The dashboard's dozen processes cost seconds and memory that a local run does not need.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 
 
 def _check_options(config: RunConfig) -> None:
@@ -256,7 +251,10 @@ def _check_options(config: RunConfig) -> None:
     for name, value in (("--window-s", config.window_s), ("--hop-s", config.hop_s)):
         if value is not None and value <= 0:
             problems.append(f"{name} must be positive")
-    for name, value in (("--feature-actors", config.feature_actors), ("--classifier-actors", config.classifier_actors)):
+    for name, value in (
+        ("--feature-actors", config.feature_actors),
+        ("--classifier-actors", config.classifier_actors),
+    ):
         if value is not None and value < 1:
             problems.append(f"{name} must be at least 1")
     if config.device not in ("auto", "cpu", "cuda"):
@@ -284,7 +282,8 @@ def _window_settings(config: RunConfig, fbank_config: FbankConfig) -> tuple[floa
     if window_s > model_input_s + 1e-9:
         raise UserError(
             f"--window-s {window_s:g} is longer than the model's input of {model_input_s:g} s "
-            f"({fbank_config.max_length} frames); audio past it would be dropped: use at most {model_input_s:g}"
+            f"({fbank_config.max_length} frames); audio past it would be dropped: "
+            f"use at most {model_input_s:g}"
         )
     return window_s, config.hop_s or window_s
 
@@ -318,7 +317,9 @@ def _output_spec(
     )
 
 
-def _summarise(config: RunConfig, units: list[WorkUnit], todo: list[WorkUnit], wall_s: float) -> RunSummary:
+def _summarise(
+    config: RunConfig, units: list[WorkUnit], todo: list[WorkUnit], wall_s: float
+) -> RunSummary:
     markers = read_commit_markers(config.output)
     planned = [markers[unit.unit_id] for unit in units if unit.unit_id in markers]
     labeled_now = {unit.unit_id for unit in todo}
@@ -347,7 +348,8 @@ def _summarise(config: RunConfig, units: list[WorkUnit], todo: list[WorkUnit], w
 
 def format_summary(summary: RunSummary) -> str:
     lines = [
-        f"shards {summary.shards} ({summary.units_labeled} labeled now, {summary.units_skipped} already done)",
+        f"shards {summary.shards} ({summary.units_labeled} labeled now, "
+        f"{summary.units_skipped} already done)",
         f"files {summary.files}, windows {summary.windows}, error rows {summary.errors}",
         f"audio {summary.audio_hours:.3f} h in {summary.wall_s:.1f} s: "
         f"{summary.clips_per_s:.1f} clips/s, {summary.audio_hours_per_s * 3600:.1f} audio-s/s",
@@ -356,4 +358,3 @@ def format_summary(summary: RunSummary) -> str:
     for reason, count in sorted(summary.error_reasons.items(), key=lambda item: -item[1])[:5]:
         lines.append(f"  error x{count}: {reason}")
     return "\n".join(lines)
-

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import itertools
+import json
 import os
 import posixpath
 import re
@@ -71,6 +72,17 @@ class WorkUnit:
     unit_id: str  # deterministic and filename-safe: names the unit's output file and commit marker
     kind: str  # "tar" | "files"
     sources: tuple[str, ...]  # the tar URI, or the plain file URIs (full URIs, sorted)
+
+    def to_json(self) -> str:
+        """The unit as one string: how it travels through a Ray dataset to the read tasks."""
+        return json.dumps(
+            {"unit_id": self.unit_id, "kind": self.kind, "sources": list(self.sources)}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkUnit:
+        fields = json.loads(text)
+        return cls(unit_id=fields["unit_id"], kind=fields["kind"], sources=tuple(fields["sources"]))
 
 
 @dataclass

@@ -7,10 +7,9 @@ later stages pass such rows through untouched.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass
-from typing import Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -22,7 +21,7 @@ from ast_model.labels import scores_from_logits
 from pipeline.audio import AudioError, cut_windows, decode_audio
 from pipeline.sources import WorkUnit, read_unit_members
 
-# Rows a read task buffers before yielding a block: 32 windows of 10.24 s are about 21 MB of float32.
+# Rows a read task buffers before yielding a block: 32 windows of 10.24 s are 21 MB of float32.
 READ_BLOCK_ROWS = 32
 
 
@@ -32,15 +31,6 @@ class ReadSettings:
     hop_s: float
     max_duration_s: float
     max_member_bytes: int
-
-
-def unit_to_row(unit: WorkUnit) -> dict[str, str]:
-    return {"unit": json.dumps(asdict(unit))}
-
-
-def _unit_from_row(text: str) -> WorkUnit:
-    fields = json.loads(text)
-    return WorkUnit(unit_id=fields["unit_id"], kind=fields["kind"], sources=tuple(fields["sources"]))
 
 
 def _shard_name(unit: WorkUnit) -> str:
@@ -113,7 +103,9 @@ def _to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     return batch
 
 
-def read_units(batch: dict[str, np.ndarray], settings: ReadSettings) -> Iterator[dict[str, np.ndarray]]:
+def read_units(
+    batch: dict[str, np.ndarray], settings: ReadSettings
+) -> Iterator[dict[str, np.ndarray]]:
     """Work units -> window rows, streamed in blocks of about READ_BLOCK_ROWS rows.
 
     The unit's total row count is known only once its last member is decoded, so the last row is
@@ -121,7 +113,7 @@ def read_units(batch: dict[str, np.ndarray], settings: ReadSettings) -> Iterator
     know when all of a unit's rows have reached the writer.
     """
     for text in batch["unit"]:
-        unit = _unit_from_row(str(text))
+        unit = WorkUnit.from_json(str(text))
         pending: list[dict] = []
         total = 0
         for member in read_unit_members(unit, settings.max_member_bytes):
@@ -139,7 +131,7 @@ def read_units(batch: dict[str, np.ndarray], settings: ReadSettings) -> Iterator
 
 
 class Featurize:
-    """CPU actor: window waveforms -> normalised Kaldi fbank, (B, max_length, num_mel_bins) float32."""
+    """CPU actor: window waveforms -> normalised Kaldi fbank, (B, max_length, mel bins) float32."""
 
     def __init__(self, fbank_config: FbankConfig):
         self.fbank_config = fbank_config

@@ -83,7 +83,7 @@ class ClusterToken:
 
 
 def find_ray_token(environ: Mapping[str, str] = os.environ) -> ClusterToken | None:
-    """The Ray auth token in Ray's order of precedence; None if there is none or auth is disabled."""
+    """The Ray auth token in Ray's order of precedence; None if none or auth is disabled."""
     if environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return None
     if value := environ.get("RAY_AUTH_TOKEN", "").strip():

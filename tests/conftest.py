@@ -1,4 +1,4 @@
-"""Session-wide real components: an S3-compatible server on 127.0.0.1, a local Ray, tiny checkpoints."""
+"""Session-wide real components: an S3 server on 127.0.0.1, a local Ray, tiny checkpoints."""
 
 from __future__ import annotations
 

@@ -34,11 +34,22 @@ def clips(tmp_path):
 def test_predict_prints_top_labels_per_file_and_reports_unreadable_ones(clips, tiny_hf_checkpoint):
     names = ["stereo-44k.wav", "broken.wav", "tone.flac"]
     result = CliRunner().invoke(
-        main, ["predict", *[str(clips / n) for n in names], "--model", str(tiny_hf_checkpoint), "-k", "3"]
+        main,
+        [
+            "predict",
+            *[str(clips / n) for n in names],
+            "--model",
+            str(tiny_hf_checkpoint),
+            "-k",
+            "3",
+        ],
     )
     assert result.exit_code == 1
     lines = result.stdout.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == [str(clips / "stereo-44k.wav"), str(clips / "tone.flac")]
+    assert [line.split(":")[0] for line in lines] == [
+        str(clips / "stereo-44k.wav"),
+        str(clips / "tone.flac"),
+    ]
     assert all(len(line.split(": ", 1)[1].split(", ")) == 3 for line in lines)
     assert "broken.wav: cannot label: cannot decode" in result.stderr
     assert "Traceback" not in result.output
@@ -47,7 +58,16 @@ def test_predict_prints_top_labels_per_file_and_reports_unreadable_ones(clips, t
 def test_predict_json_scores_equal_the_model_on_the_same_audio(clips, tiny_hf_checkpoint):
     path = clips / "tone.flac"
     result = CliRunner().invoke(
-        main, ["predict", str(path), "--model", str(tiny_hf_checkpoint), "--json", "--scores", "--embedding"]
+        main,
+        [
+            "predict",
+            str(path),
+            "--model",
+            str(tiny_hf_checkpoint),
+            "--json",
+            "--scores",
+            "--embedding",
+        ],
     )
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
@@ -57,7 +77,9 @@ def test_predict_json_scores_equal_the_model_on_the_same_audio(clips, tiny_hf_ch
     decoded, _ = sf.read(path, dtype="float32")
     wave = torch.from_numpy(decoded)[None, :]
     with torch.inference_mode():
-        output = loaded.model(compute_fbank(wave, torch.tensor([wave.shape[1]]), FbankConfig.for_model(loaded.config)))
+        output = loaded.model(
+            compute_fbank(wave, torch.tensor([wave.shape[1]]), FbankConfig.for_model(loaded.config))
+        )
     expected = scores_from_logits(output.logits, loaded.config.multi_label)[0].numpy()
     np.testing.assert_allclose(record["scores"], expected, atol=1e-5)
     assert record["top_labels"][0] == TINY_LABELS[int(np.argmax(expected))]
@@ -82,7 +104,9 @@ def test_predict_averages_the_windows_of_a_long_file(clips, tiny_hf_checkpoint):
         (["predict", "{tmp}/x.wav", "--model", "{tmp}/no-model"], "no-model"),
     ],
 )
-def test_user_errors_print_one_line_and_exit_non_zero(tmp_path, tiny_hf_checkpoint, arguments, message):
+def test_user_errors_print_one_line_and_exit_non_zero(
+    tmp_path, tiny_hf_checkpoint, arguments, message
+):
     filled = [a.format(tmp=tmp_path) for a in arguments]
     if "--model" not in filled:
         filled += ["--model", str(tiny_hf_checkpoint)]

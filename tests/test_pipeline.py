@@ -20,7 +20,6 @@ from audio_corpus import (
     tar_bytes,
     write_audio_files,
 )
-
 from conftest import TINY_LABELS
 
 from ast_model.checkpoint import load_checkpoint
@@ -68,7 +67,9 @@ def direct_scores(checkpoint, data: bytes, window_s: float = 10.24) -> np.ndarra
 
 
 def read_rows(fs, output_uri: str):
-    return pads.dataset(output_uri.removeprefix("s3://"), format="parquet", filesystem=fs).to_table()
+    return pads.dataset(
+        output_uri.removeprefix("s3://"), format="parquet", filesystem=fs
+    ).to_table()
 
 
 def test_tar_shards_from_s3_to_parquet_on_s3_equal_the_model_applied_directly(
@@ -99,18 +100,33 @@ def test_tar_shards_from_s3_to_parquet_on_s3_equal_the_model_applied_directly(
     table = read_rows(s3_server.filesystem(), output)
     assert table.num_rows == summary.windows
     assert table.column_names == [
-        "shard", "key", "window", "start_s", "end_s", "duration_s", "sample_rate", "embedding",
-        "scores", "top_labels", "top_scores", "metadata", "error",
+        "shard",
+        "key",
+        "window",
+        "start_s",
+        "end_s",
+        "duration_s",
+        "sample_rate",
+        "embedding",
+        "scores",
+        "top_labels",
+        "top_scores",
+        "metadata",
+        "error",
     ]
     rows = table.to_pylist()
     long_rows = sorted((r for r in rows if r["key"] == "s1/long"), key=lambda r: r["window"])
     assert [(r["window"], r["start_s"], r["end_s"]) for r in long_rows] == [
-        (0, 0.0, 10.24), (1, 10.24, 20.48), (2, 20.48, 25.0)
+        (0, 0.0, 10.24),
+        (1, 10.24, 20.48),
+        (2, 20.48, 25.0),
     ]
     assert {r["sample_rate"] for r in rows if r["key"].endswith("stereo-44k")} == {44_100}
     assert all(json.loads(r["metadata"])["key"] == r["key"] for r in rows)
     for key, data in all_audio.items():
-        got = np.array([r["scores"] for r in sorted(rows, key=lambda r: r["window"]) if r["key"] == key])
+        got = np.array(
+            [r["scores"] for r in sorted(rows, key=lambda r: r["window"]) if r["key"] == key]
+        )
         np.testing.assert_allclose(got, direct_scores(tiny_hf_checkpoint, data), atol=1e-5)
     final = sorted(p for p in fs.ls(output[5:]) if p.endswith(".parquet"))
     assert len(final) == 3
@@ -122,20 +138,32 @@ def test_tar_shards_from_s3_to_parquet_on_s3_equal_the_model_applied_directly(
     assert summary_json["files"] == 12
 
 
-def test_plain_files_globs_and_manifests_label_each_file_once(ray_local, tmp_path, tiny_hf_checkpoint):
+def test_plain_files_globs_and_manifests_label_each_file_once(
+    ray_local, tmp_path, tiny_hf_checkpoint
+):
     folder = tmp_path / "audio"
-    paths = write_audio_files(folder, [f"a/clip-{i}.wav" for i in range(5)] + ["b/x.flac", "b/y.ogg"])
+    paths = write_audio_files(
+        folder, [f"a/clip-{i}.wav" for i in range(5)] + ["b/x.flac", "b/y.ogg"]
+    )
     manifest = tmp_path / "list.txt"
     manifest.write_text("# clips\n" + "\n".join(str(p) for p in paths[:3]) + "\n")
 
     by_glob = run_labeling(
-        RunConfig(inputs=(f"{folder}/**/*.*",), output=str(tmp_path / "out-glob"),
-                  model=str(tiny_hf_checkpoint), files_per_unit=3),
+        RunConfig(
+            inputs=(f"{folder}/**/*.*",),
+            output=str(tmp_path / "out-glob"),
+            model=str(tiny_hf_checkpoint),
+            files_per_unit=3,
+        ),
         echo=lambda line: None,
     )
     by_manifest = run_labeling(
-        RunConfig(inputs=(), manifest=str(manifest), output=str(tmp_path / "out-manifest"),
-                  model=str(tiny_hf_checkpoint)),
+        RunConfig(
+            inputs=(),
+            manifest=str(manifest),
+            output=str(tmp_path / "out-manifest"),
+            model=str(tiny_hf_checkpoint),
+        ),
         echo=lambda line: None,
     )
 
@@ -145,16 +173,22 @@ def test_plain_files_globs_and_manifests_label_each_file_once(ray_local, tmp_pat
     assert by_manifest.files == 3
 
 
-def test_bad_inputs_inside_real_shards_each_become_one_error_row(ray_local, tmp_path, tiny_hf_checkpoint):
+def test_bad_inputs_inside_real_shards_each_become_one_error_row(
+    ray_local, tmp_path, tiny_hf_checkpoint
+):
     bad = bad_members()
     structural, structural_errors = bad_shard_entries()
     good = _clip(1.0, 16_000, 1, 440.0, "wav")
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "bad-000.tar").write_bytes(
-        tar_bytes([("ok-first.wav", good)] + [(m.name, m.data) for m in bad] + [("ok-last.wav", good)])
+        tar_bytes(
+            [("ok-first.wav", good)] + [(m.name, m.data) for m in bad] + [("ok-last.wav", good)]
+        )
     )
     (tmp_path / "in" / "bad-001.tar").write_bytes(tar_bytes(structural))
-    (tmp_path / "in" / "bad-002.tar").write_bytes(tar_bytes([("a.wav", good)])[:700])  # truncated tar
+    (tmp_path / "in" / "bad-002.tar").write_bytes(
+        tar_bytes([("a.wav", good)])[:700]
+    )  # truncated tar
     (tmp_path / "in" / "bad-003.tar").write_bytes(b"")  # empty shard
 
     summary = run_labeling(
@@ -189,8 +223,21 @@ def test_bad_inputs_inside_real_shards_each_become_one_error_row(ray_local, tmp_
 
 def test_user_errors_fail_fast_with_one_clear_message(tmp_path, tiny_hf_checkpoint):
     with pytest.raises(UserError, match="does-not-exist"):
-        run_labeling(RunConfig(inputs=(str(tmp_path / "does-not-exist"),), output=str(tmp_path / "o"),
-                               model=str(tiny_hf_checkpoint)), echo=lambda line: None)
+        run_labeling(
+            RunConfig(
+                inputs=(str(tmp_path / "does-not-exist"),),
+                output=str(tmp_path / "o"),
+                model=str(tiny_hf_checkpoint),
+            ),
+            echo=lambda line: None,
+        )
     with pytest.raises(UserError, match="--window-s"):
-        run_labeling(RunConfig(inputs=(str(tmp_path),), output=str(tmp_path / "o"),
-                               model=str(tiny_hf_checkpoint), window_s=20.0), echo=lambda line: None)
+        run_labeling(
+            RunConfig(
+                inputs=(str(tmp_path),),
+                output=str(tmp_path / "o"),
+                model=str(tiny_hf_checkpoint),
+                window_s=20.0,
+            ),
+            echo=lambda line: None,
+        )

@@ -34,15 +34,31 @@ def write_corpus(folder: Path) -> None:
 
 def ast_label_run(corpus: Path, output: Path, checkpoint: Path) -> list[str]:
     executable = Path(sys.executable).with_name("ast-label")
-    return [str(executable), "run", str(corpus / "shard-{000000..000007}.tar"), "--output", str(output),
-            "--model", str(checkpoint), "--batch-size", "4"]
+    return [
+        str(executable),
+        "run",
+        str(corpus / "shard-{000000..000007}.tar"),
+        "--output",
+        str(output),
+        "--model",
+        str(checkpoint),
+        "--batch-size",
+        "4",
+    ]
 
 
 def sorted_rows(output: Path) -> list[tuple]:
     table = pads.dataset(str(output), format="parquet").to_table()
     table = table.select(["shard", "key", "window", "start_s", "end_s", "scores", "error"])
     return sorted(
-        (r["shard"], r["key"], r["window"], r["start_s"], r["end_s"], tuple(round(s, 5) for s in r["scores"]))
+        (
+            r["shard"],
+            r["key"],
+            r["window"],
+            r["start_s"],
+            r["end_s"],
+            tuple(round(s, 5) for s in r["scores"]),
+        )
         for r in table.to_pylist()
     )
 
@@ -83,8 +99,12 @@ def test_rerun_after_kill_writes_each_file_once(ray_local, tmp_path, tiny_hf_che
     write_corpus(corpus)
     clean = tmp_path / "clean"
     run_labeling(
-        RunConfig(inputs=(str(corpus / "shard-{000000..000007}.tar"),), output=str(clean),
-                  model=str(tiny_hf_checkpoint), batch_size=4),
+        RunConfig(
+            inputs=(str(corpus / "shard-{000000..000007}.tar"),),
+            output=str(clean),
+            model=str(tiny_hf_checkpoint),
+            batch_size=4,
+        ),
         echo=lambda line: None,
     )
     output = tmp_path / "killed"
@@ -92,8 +112,9 @@ def test_rerun_after_kill_writes_each_file_once(ray_local, tmp_path, tiny_hf_che
     env = {**os.environ, "RAY_ADDRESS": ""}
 
     # Its own session, so that the kill below finds every process of the run.
-    first = subprocess.Popen(command, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 240
     while committed(output) < 1 and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
