@@ -175,9 +175,9 @@ def rows_to_table(batch: Batch, spec: OutputSpec) -> pa.Table:
 
 
 def optional_strings(values: Sequence) -> pa.Array:
-    """A nullable string column. Ray hands over a block whose values were all None as a float
-    column of NaN (Arrow's null type turned into numpy), so anything but a string means null."""
-    strings = [value if isinstance(value, str) else None for value in values]
+    """A nullable string column: the stages carry null as "" (see pipeline.stages._to_batch), and
+    a block whose values were all None reaches numpy as NaN floats; both mean null."""
+    strings = [value if isinstance(value, str) and value else None for value in values]
     return pa.array(strings, type=pa.string())
 
 

@@ -94,7 +94,12 @@ def _to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
             holder[:] = values
             batch[column] = holder
         elif column in ("metadata", "error"):
-            batch[column] = np.array(values, dtype=object)
+            # "" stands for null between stages: a block whose values were all None would get
+            # Arrow's null type, come back as float NaN, and then fail to merge with a block of
+            # strings. The writer turns "" back into null.
+            batch[column] = np.array(
+                ["" if value is None else value for value in values], dtype=object
+            )
         else:
             batch[column] = np.array(values)
     batch["window"] = batch["window"].astype(np.int32)
@@ -156,8 +161,7 @@ class Featurize:
 
 
 def _ok_rows(batch: dict[str, np.ndarray]) -> np.ndarray:
-    # Not `is None`: a block whose errors were all None can come back from Arrow as NaN floats.
-    return np.array([not isinstance(error, str) for error in batch["error"]], dtype=bool)
+    return np.array([not error for error in batch["error"]], dtype=bool)  # "" means no error
 
 
 def resolve_device(device: str) -> torch.device:
