@@ -10,11 +10,10 @@ measured in the same run (goal: >= 5x on the 2-core CPU) and checks the features
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
+from timing import best_seconds
 
 from ast_model.features import FbankConfig, compute_fbank
 
@@ -31,20 +30,6 @@ def make_clips(count: int, seconds: float) -> np.ndarray:
         (count, t.size)
     )
     return clips.astype(np.float32)
-
-
-def best_seconds(
-    run: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None
-) -> float:
-    run()  # warm-up: filterbank cache, FFT plans, lazy imports
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
+from timing import best_seconds
 
 from ast_model.checkpoint import load_checkpoint
 from ast_model.config import ASTConfig
@@ -31,21 +31,6 @@ def forward_flops(config: ASTConfig) -> float:
     per_layer = 2 * length * (4 * width * width + 2 * width * config.intermediate_size)
     per_layer += 2 * 2 * length * length * width
     return patches + config.num_hidden_layers * per_layer
-
-
-def best_seconds(
-    run: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None
-) -> float:
-    with torch.inference_mode():
-        run()  # warm-up
-        sync()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            sync()
-            times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
