@@ -75,6 +75,7 @@ def corpus(tmp_path_factory):
     return folder, decoded + shard_clips
 
 
+@pytest.mark.slow
 def test_norm_stats_equal_kaldi_fbank_over_real_frames(ray_local, corpus):
     folder, waveforms = corpus
     stats = compute_norm_stats([str(folder)], files_per_unit=2, echo=lambda line: None)
@@ -86,6 +87,7 @@ def test_norm_stats_equal_kaldi_fbank_over_real_frames(ray_local, corpus):
     assert stats.std == pytest.approx(std, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_norm_stats_differ_from_statistics_that_count_padding(ray_local, corpus):
     folder, waveforms = corpus
     stats = compute_norm_stats([str(folder / "short.wav")], echo=lambda line: None)
@@ -127,6 +129,7 @@ def test_unusable_norm_stats_file_fails_with_one_clear_line(tmp_path, content, m
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)
 
 
+@pytest.mark.slow
 def test_norm_stats_command_writes_json_and_reports_missing_input(ray_local, corpus, tmp_path):
     folder, _ = corpus
     output = tmp_path / "out" / "stats.json"
