@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
+import torch
+
 from ast_model.checkpoint import DEFAULT_MODEL, LoadedModel, load_checkpoint
 from ast_model.features import FbankConfig
 from pipeline.cluster import init_ray
@@ -123,10 +125,6 @@ def _label_units(
     init_ray(config.address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    if config.device == "cuda" and gpus == 0 and not config.address:
-        raise UserError(
-            "--device cuda: this machine has no GPU that Ray can use; use --device cpu or auto"
-        )
     # --device cuda on a cluster with no GPU node up yet asks the autoscaler for one.
     use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
     # Ray Data spreads actor pools over all nodes; with GPUs in the cluster the CPU stages use
@@ -134,7 +132,7 @@ def _label_units(
     cpu_stage_args = {"scheduling_strategy": "DEFAULT"} if use_gpu else {}
     feature_actors = config.feature_actors or max(1, cpus // 4)
     # On CPU a model actor runs best with several threads: one actor per 8 CPUs.
-    classifier_actors = config.classifier_actors or (gpus if use_gpu else max(1, cpus // 8))
+    classifier_actors = config.classifier_actors or max(1, gpus if use_gpu else cpus // 8)
     batch_size = config.batch_size or (64 if use_gpu else 16)
     echo(
         f"Ray: {cpus} CPUs, {gpus} GPUs; {feature_actors} feature actors, "
@@ -259,6 +257,9 @@ def _check_options(config: RunConfig) -> None:
             problems.append(f"{name} must be at least 1")
     if config.device not in ("auto", "cpu", "cuda"):
         problems.append("--device must be auto, cpu or cuda")
+    elif config.device == "cuda" and not config.address and not torch.cuda.is_available():
+        # On a cluster (--address) the autoscaler may still bring GPU nodes up; here it cannot.
+        problems.append("--device cuda: this machine has no usable GPU; use --device cpu or auto")
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):
         problems.append("--precision must be auto, fp32, bf16 or fp16")
     if config.max_duration_s <= 0:

@@ -101,6 +101,7 @@ def test_predict_averages_the_windows_of_a_long_file(clips, tiny_hf_checkpoint):
         (["run", "{tmp}", "--output", "{tmp}/out", "--model", "{tmp}/no-model"], "no-model"),
         (["run", "{tmp}", "--output", "{tmp}/out", "--top-k", "0"], "--top-k"),
         (["run", "{tmp}", "--output", "{tmp}/out", "--precision", "fp8"], "--precision"),
+        (["run", "{tmp}", "--output", "{tmp}/out", "--device", "cuda"], "no usable GPU"),
         (["predict", "{tmp}/x.wav", "--model", "{tmp}/no-model"], "no-model"),
     ],
 )
