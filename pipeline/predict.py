@@ -10,7 +10,7 @@ import torch
 from ast_model.checkpoint import LoadedModel
 from ast_model.features import FbankConfig, compute_fbank
 from ast_model.labels import scores_from_logits, top_k
-from pipeline.audio import AudioError, cut_windows, decode_audio
+from pipeline.audio import cut_windows, decode_audio
 from pipeline.storage import filesystem_for
 
 # predict is for a handful of files; a cap keeps one huge file from exhausting memory.
@@ -76,6 +76,3 @@ class FilePredictor:
             embedding=output.embedding.mean(dim=0).cpu().numpy(),
             windows=len(windows),
         )
-
-
-__all__ = ["AudioError", "FilePredictor", "Prediction"]

@@ -104,7 +104,12 @@ def run_labeling(config: RunConfig, echo: Callable[[str], None] = print) -> RunS
     if todo:
         settings = ReadSettings(window_s, hop_s, config.max_duration_s, config.max_member_bytes)
         _label_units(todo, config, loaded, fbank_config, settings, spec, echo)
-    summary = _summarise(config, units, todo, time.monotonic() - started)
+    markers = read_commit_markers(config.output)
+    missing = {unit.unit_id for unit in todo} - set(markers)
+    if missing:
+        # Every row reached the writer or the stream would have failed; this is a bug, never data.
+        raise RuntimeError(f"{len(missing)} work units did not commit: {sorted(missing)[:5]}")
+    summary = _summarise(config.output, units, todo, markers, time.monotonic() - started)
     write_summary(config.output, summary.to_dict())
     return summary
 
@@ -185,10 +190,6 @@ def _label_units(
             committer.submit(unit)
         committer.report_finished()
     committer.wait_all()
-    missing = set(committer.sources) - set(read_commit_markers(config.output))
-    if missing:
-        # Every row reached the writer or the stream would have failed; this is a bug, never data.
-        raise RuntimeError(f"{len(missing)} work units did not commit: {sorted(missing)[:5]}")
 
 
 class _Committer:
@@ -319,12 +320,15 @@ def _output_spec(
 
 
 def _summarise(
-    config: RunConfig, units: list[WorkUnit], todo: list[WorkUnit], wall_s: float
+    output: str,
+    units: list[WorkUnit],
+    todo: list[WorkUnit],
+    markers: dict[str, dict],
+    wall_s: float,
 ) -> RunSummary:
-    markers = read_commit_markers(config.output)
     planned = [markers[unit.unit_id] for unit in units if unit.unit_id in markers]
     labeled_now = {unit.unit_id for unit in todo}
-    summary = RunSummary(output=config.output, wall_s=round(wall_s, 3))
+    summary = RunSummary(output=output, wall_s=round(wall_s, 3))
     summary.shards = len(planned)
     summary.units_skipped = len(units) - len(todo)
     summary.units_labeled = len(todo)
