@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,16 @@ class FbankConfig:
     @property
     def fft_size(self) -> int:
         return 1 << (self.window_size - 1).bit_length()  # next power of two, 512 for 400
+
+
+def pad_waveforms(clips: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips of any lengths (1-D numpy arrays or tensors) -> compute_fbank's input: (B, N) float32
+    zero-padded to the longest clip, and (B,) int64 lengths."""
+    lengths = torch.tensor([len(clip) for clip in clips], dtype=torch.int64)
+    waveforms = torch.zeros(len(clips), int(lengths.max()) if len(clips) else 0)  # (B, N)
+    for row, clip in zip(waveforms, clips, strict=True):
+        row[: len(clip)] = torch.as_tensor(clip, dtype=torch.float32)
+    return waveforms, lengths
 
 
 def num_fbank_frames(num_samples: int, config: FbankConfig) -> int:

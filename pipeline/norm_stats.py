@@ -28,7 +28,7 @@ import click
 import numpy as np
 import torch
 
-from ast_model.features import FbankConfig, compute_fbank, num_fbank_frames
+from ast_model.features import FbankConfig, compute_fbank, num_fbank_frames, pad_waveforms
 from pipeline.audio import AudioError, cut_windows, decode_audio
 from pipeline.cluster import init_ray
 from pipeline.errors import UserError
@@ -141,13 +141,10 @@ def clip_moments(waveform: np.ndarray) -> FbankMoments:
     moments = FbankMoments(files=1)
     for start in range(0, len(windows), FBANK_BATCH):
         chunk = windows[start : start + FBANK_BATCH]
-        lengths = [len(window.waveform) for window in chunk]
-        padded = torch.zeros(len(chunk), max(lengths))  # (B, N)
-        for row, window in enumerate(chunk):
-            padded[row, : lengths[row]] = torch.from_numpy(window.waveform)
+        padded, lengths = pad_waveforms([window.waveform for window in chunk])  # (B, N), (B,)
         with torch.inference_mode():
-            fbank = compute_fbank(padded, torch.tensor(lengths), RAW_FBANK)  # (B, T, F)
-        for row, length in enumerate(lengths):
+            fbank = compute_fbank(padded, lengths, RAW_FBANK)  # (B, T, F)
+        for row, length in enumerate(lengths.tolist()):
             frames = min(num_fbank_frames(length, RAW_FBANK), RAW_FBANK.max_length)
             real = fbank[row, :frames].double()  # (frames, F): the padding rows left out
             moments += FbankMoments(

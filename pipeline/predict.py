@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ast_model.checkpoint import LoadedModel
-from ast_model.features import FbankConfig, compute_fbank
+from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
 from ast_model.labels import scores_from_logits, top_k
 from pipeline.audio import cut_windows, decode_audio
 from pipeline.storage import filesystem_for
@@ -58,10 +58,7 @@ class FilePredictor:
         audio_format = path.rsplit(".", 1)[-1].lower() if "." in path else None
         decoded = decode_audio(data, audio_format, MAX_PREDICT_DURATION_S)
         windows = cut_windows(decoded.waveform, self.window_s)
-        lengths = torch.tensor([len(window.waveform) for window in windows])
-        waveforms = torch.zeros(len(windows), int(lengths.max()))  # (W, N)
-        for row, window in enumerate(windows):
-            waveforms[row, : lengths[row]] = torch.from_numpy(window.waveform)
+        waveforms, lengths = pad_waveforms([window.waveform for window in windows])  # (W, N)
         with torch.inference_mode():
             features = compute_fbank(waveforms, lengths, self.fbank_config).to(self.device)
             output = self.model(features)  # logits (W, C), embedding (W, D)

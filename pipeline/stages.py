@@ -16,7 +16,7 @@ import ray
 import torch
 
 from ast_model.checkpoint import LoadedModel
-from ast_model.features import FbankConfig, compute_fbank
+from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
 from ast_model.labels import scores_from_logits
 from pipeline.audio import AudioError, cut_windows, decode_audio
 from pipeline.sources import WorkUnit, read_unit_members
@@ -150,10 +150,7 @@ class Featurize:
         )
         index = np.flatnonzero(ok)
         if len(index):
-            lengths = torch.tensor([len(waveforms[i]) for i in index], dtype=torch.int64)
-            padded = torch.zeros(len(index), int(lengths.max()))  # (B, N)
-            for row, i in enumerate(index):
-                padded[row, : lengths[row]] = torch.from_numpy(np.asarray(waveforms[i], np.float32))
+            padded, lengths = pad_waveforms([waveforms[i] for i in index])  # (B, N), (B,)
             with torch.inference_mode():
                 features[index] = compute_fbank(padded, lengths, self.fbank_config).numpy()
         batch["features"] = features

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ast_model.checkpoint import save_checkpoint
 from ast_model.config import SINGLE_LABEL, ASTConfig
-from ast_model.features import FbankConfig, compute_fbank, num_fbank_frames
+from ast_model.features import FbankConfig, compute_fbank, num_fbank_frames, pad_waveforms
 from ast_model.model import ASTForAudioClassification
 from pipeline.synthetic import CLASS_NAMES, SAMPLE_RATE, LabeledClip, iter_dataset
 
@@ -110,10 +110,7 @@ def synthetic_fbank(
     frames: list[int] = []
     labels: list[int] = []
     for batch in _batches(iter_dataset(per_class, seed, SAMPLE_RATE), batch_size):
-        lengths = torch.tensor([clip.waveform.shape[0] for clip in batch], dtype=torch.int64)
-        waveforms = torch.zeros(len(batch), int(lengths.max()))  # (B, N) zero-padded
-        for row, clip in enumerate(batch):
-            waveforms[row, : clip.waveform.shape[0]] = torch.from_numpy(clip.waveform)
+        waveforms, lengths = pad_waveforms([clip.waveform for clip in batch])  # (B, N), (B,)
         features.append(compute_fbank(waveforms, lengths, fbank).to(torch.float16))  # (B, T, F)
         frames.extend(min(num_fbank_frames(int(n), fbank), fbank.max_length) for n in lengths)
         labels.extend(CLASS_NAMES.index(clip.label) for clip in batch)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ast_model.checkpoint import BUNDLED_MODEL_DIR, DEFAULT_MODEL, load_checkpoint
-from ast_model.features import FbankConfig, compute_fbank
+from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
 from pipeline.synthetic import CLASS_NAMES, iter_dataset
 
 # Clips the training script never saw: its sets use seeds 0 (training) and 1 (held out).
@@ -49,10 +49,7 @@ def test_default_loads_by_name_with_the_synthetic_labels(default_model):
 def test_default_labels_freshly_generated_clips(default_model):
     fbank_config = FbankConfig.for_model(default_model.config)
     clips = list(iter_dataset(CLIPS_PER_CLASS, seed=FRESH_SEED))
-    lengths = torch.tensor([len(clip.waveform) for clip in clips])
-    waveforms = torch.zeros(len(clips), int(lengths.max()))  # (B, N) zero-padded
-    for row, clip in enumerate(clips):
-        waveforms[row, : len(clip.waveform)] = torch.from_numpy(clip.waveform)
+    waveforms, lengths = pad_waveforms([clip.waveform for clip in clips])  # (B, N), (B,)
     features = compute_fbank(waveforms, lengths, fbank_config)  # (B, 1024, 128)
     logits = torch.cat([default_model.model(part).logits for part in features.split(32)])
     predicted = [CLASS_NAMES[i] for i in logits.argmax(dim=1).tolist()]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ast_model.config import ASTConfig
-from ast_model.features import FbankConfig, compute_fbank, num_fbank_frames
+from ast_model.features import FbankConfig, compute_fbank, num_fbank_frames, pad_waveforms
 
 SAMPLE_RATE = 16000
 TOLERANCE = 1e-4
@@ -32,15 +32,6 @@ def make_clip(seconds: float, seed: int) -> np.ndarray:
     chirp = 0.2 * np.sin(2 * math.pi * (100 + 300 * t) * t)
     noise = 0.05 * rng.standard_normal(t.shape)
     return (chord + chirp + noise + 0.01).astype(np.float32)
-
-
-def batch_of(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-padded (B, N) waveforms and (B,) lengths."""
-    lengths = torch.tensor([len(c) for c in clips])
-    waveforms = torch.zeros(len(clips), int(lengths.max()))
-    for row, clip in zip(waveforms, clips, strict=True):
-        row[: len(clip)] = torch.from_numpy(clip)
-    return waveforms, lengths
 
 
 def kaldi_reference(clip: np.ndarray, config: FbankConfig = CONFIG) -> torch.Tensor:
@@ -71,7 +62,7 @@ def hf_reference(clips: list[np.ndarray], **settings) -> torch.Tensor:
 @pytest.mark.parametrize("seconds", [0.5, 10.24, 15.0])
 def test_fbank_of_one_clip_matches_torchaudio_kaldi_and_ast_feature_extractor(seconds: float):
     clip = make_clip(seconds, seed=1)
-    ours = compute_fbank(*batch_of([clip]), CONFIG)[0]
+    ours = compute_fbank(*pad_waveforms([clip]), CONFIG)[0]
 
     assert ours.shape == (1024, 128) and ours.dtype == torch.float32
     assert (ours - kaldi_reference(clip)).abs().max() <= TOLERANCE
@@ -80,7 +71,7 @@ def test_fbank_of_one_clip_matches_torchaudio_kaldi_and_ast_feature_extractor(se
 
 def test_mixed_length_batch_matches_ast_feature_extractor_clip_by_clip():
     clips = [make_clip(s, seed=i) for i, s in enumerate((0.5, 10.24, 15.0, 3.3, 0.03))]
-    ours = compute_fbank(*batch_of(clips), CONFIG)
+    ours = compute_fbank(*pad_waveforms(clips), CONFIG)
 
     reference = hf_reference(clips)
     assert ours.shape == reference.shape == (5, 1024, 128)
@@ -89,7 +80,7 @@ def test_mixed_length_batch_matches_ast_feature_extractor_clip_by_clip():
 
 def test_padding_after_a_clip_never_leaks_into_its_frames():
     clip = make_clip(2.0, seed=3)
-    alone = compute_fbank(*batch_of([clip]), CONFIG)
+    alone = compute_fbank(*pad_waveforms([clip]), CONFIG)
     # The same clip in a longer batch row whose tail holds loud noise instead of zeros.
     waveforms = torch.randn(1, 5 * SAMPLE_RATE)
     waveforms[0, : len(clip)] = torch.from_numpy(clip)
@@ -100,7 +91,7 @@ def test_padding_after_a_clip_never_leaks_into_its_frames():
 
 def test_rows_past_a_clip_are_a_zero_fbank_row_normalised():
     clip = make_clip(0.5, seed=4)
-    features = compute_fbank(*batch_of([clip]), CONFIG)[0]
+    features = compute_fbank(*pad_waveforms([clip]), CONFIG)[0]
     frames = num_fbank_frames(len(clip), CONFIG)
 
     assert frames == 48
@@ -119,7 +110,7 @@ def test_clip_shorter_than_one_frame_is_all_padding():
 def test_clips_longer_than_max_length_are_truncated_like_ast_feature_extractor():
     config = FbankConfig.for_model(ASTConfig(max_length=100, num_mel_bins=64), mean=-3.0, std=4.0)
     clips = [make_clip(2.0, seed=5), make_clip(0.7, seed=6)]
-    ours = compute_fbank(*batch_of(clips), config)
+    ours = compute_fbank(*pad_waveforms(clips), config)
 
     reference = hf_reference(clips, num_mel_bins=64, max_length=100, mean=-3.0, std=4.0)
     assert ours.shape == (2, 100, 64)
@@ -135,7 +126,7 @@ def test_mismatched_lengths_are_rejected():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fbank_on_cuda_matches_cpu():
     clips = [make_clip(s, seed=i) for i, s in enumerate((10.24, 4.0, 0.2))]
-    waveforms, lengths = batch_of(clips)
+    waveforms, lengths = pad_waveforms(clips)
     on_gpu = compute_fbank(waveforms.cuda(), lengths.cuda(), CONFIG)
 
     assert on_gpu.device.type == "cuda"

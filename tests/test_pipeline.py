@@ -23,7 +23,7 @@ from audio_corpus import (
 from conftest import TINY_LABELS
 
 from ast_model.checkpoint import load_checkpoint
-from ast_model.features import FbankConfig, compute_fbank
+from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
 from ast_model.labels import scores_from_logits
 from pipeline.audio import cut_windows, decode_audio
 from pipeline.errors import UserError
@@ -57,10 +57,7 @@ def direct_scores(checkpoint, data: bytes, window_s: float = 10.24) -> np.ndarra
     loaded = load_checkpoint(str(checkpoint))
     decoded = decode_audio(data, None, 3600)
     windows = cut_windows(decoded.waveform, window_s)
-    lengths = torch.tensor([len(w.waveform) for w in windows])
-    batch = torch.zeros(len(windows), int(lengths.max()))
-    for i, window in enumerate(windows):
-        batch[i, : lengths[i]] = torch.from_numpy(window.waveform)
+    batch, lengths = pad_waveforms([window.waveform for window in windows])
     with torch.inference_mode():
         output = loaded.model(compute_fbank(batch, lengths, FbankConfig.for_model(loaded.config)))
         return scores_from_logits(output.logits, loaded.config.multi_label).numpy()
