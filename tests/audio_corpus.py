@@ -213,3 +213,80 @@ def write_audio_files(folder_path: Path, names: list[str], duration_s: float = 0
         path.write_bytes(encode(sine(duration_s, freq=220.0 * (index + 1)), 16_000, fmt))
         paths.append(path)
     return paths
+
+
+def encode_with_pyav(
+    waveform: np.ndarray,
+    sr: int,
+    container: str = "mp4",
+    codec: str = "aac",
+    container_options: dict[str, str] | None = None,
+) -> bytes:
+    """Encodes (frames,) or (frames, channels) float samples with FFmpeg, through PyAV.
+
+    container: an FFmpeg muxer ("mp4" or "ipod" for M4A, "webm", "matroska", "ogg", "adts",
+    "asf"); codec: an FFmpeg encoder ("aac", "libopus" (48 kHz), "wmav2", "flac", ...).
+    container_options: e.g. {"movflags": "frag_keyframe+empty_moov"} for a fragmented MP4.
+    """
+    import av
+
+    planar = np.ascontiguousarray(np.atleast_2d(waveform.T), dtype=np.float32)  # (C, frames)
+    layout = "mono" if planar.shape[0] == 1 else "stereo"
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container, container_options=container_options) as out:
+        stream = out.add_stream(codec, rate=sr, layout=layout)
+        if codec == "wmav2":
+            stream.bit_rate = 128_000  # the WMA encoder refuses the default
+        for start in range(0, planar.shape[1], 4096):
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(planar[:, start : start + 4096]), format="fltp", layout=layout
+            )
+            frame.sample_rate = sr
+            frame.pts = start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def remux(data: bytes, container: str) -> bytes:
+    """The first audio stream of `data`, its packets copied unchanged into another container
+    (e.g. libsndfile's Ogg/Vorbis into WebM, FLAC into Matroska)."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(io.BytesIO(data)) as source, av.open(buffer, "w", format=container) as out:
+        audio = source.streams.audio[0]
+        copied = out.add_stream_from_template(audio)
+        for packet in source.demux(audio):
+            if packet.dts is None:  # the flush packet at the end carries no data
+                continue
+            packet.stream = copied
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def video_with_audio(
+    audio_tracks: list[np.ndarray], sr: int, duration_s: float, container: str = "mp4"
+) -> bytes:
+    """A small video (MPEG-4 Part 2, 64x48, 10 fps; the first stream) followed by one mono AAC
+    stream per entry of `audio_tracks`: a video without sound when the list is empty."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = [out.add_stream("aac", rate=sr, layout="mono") for _ in audio_tracks]
+        for index in range(round(duration_s * 10)):
+            image = np.full((48, 64, 3), index * 20 % 256, dtype=np.uint8)
+            out.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(video.encode(None))
+        for stream, track in zip(audio, audio_tracks, strict=True):
+            for start in range(0, len(track), 4096):
+                chunk = np.ascontiguousarray(track[None, start : start + 4096], dtype=np.float32)
+                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+                frame.sample_rate = sr
+                frame.pts = start
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode(None))
+    return buffer.getvalue()
