@@ -46,6 +46,16 @@ class FbankConfig:
         return cls(num_mel_bins=cfg.num_mel_bins, max_length=cfg.max_length, **stats)
 
     @property
+    def input_seconds(self) -> float:
+        """Audio that fills the model's input: max_length frames, 10.24 s for 1024."""
+        return self.max_length * self.frame_shift_ms / 1000.0
+
+    @property
+    def frame_seconds(self) -> float:
+        """One fbank frame (25 ms): less audio than this gives no frame at all."""
+        return self.frame_length_ms / 1000.0
+
+    @property
     def window_size(self) -> int:
         return int(self.sample_rate * self.frame_length_ms * 0.001)  # kaldi truncates, as here
 

@@ -1,15 +1,25 @@
-"""End-to-end benchmark of `ast-label run` against a plain transformers loop, and peak memory.
+"""End-to-end cost of `ast-label run`: CPU-seconds per clip against the floor, clips/s against a
+plain transformers loop, start-up, where the time goes, and peak memory.
 
-    .venv/bin/python benchmarks/bench_pipeline.py --size tiny --clips 200
-    .venv/bin/python benchmarks/bench_pipeline.py --size base --clips 16 --no-memory
+    .venv/bin/python benchmarks/bench_pipeline.py                       # tiny model, 2000 clips
+    .venv/bin/python benchmarks/bench_pipeline.py --clips 1000 --memory # and peak memory at 10x
+    .venv/bin/python benchmarks/bench_pipeline.py --size base --clips 32 --small-clips 8
 
-Generates a corpus of 10 s FLAC clips in WebDataset tar shards, then measures on the same files:
-- baseline: soundfile + torchaudio resample + transformers' ASTFeatureExtractor and
-  ASTForAudioClassification, one file at a time in this process (what a user would write first);
-- ast-label: `ast-label run` in a fresh process (local Ray started by it, so its start-up counts);
-- peak memory of the whole run (the driver and every Ray process it started, summed PSS) at 1x and
-  10x the corpus: streaming means the 10x run needs about the same memory.
-Prints clips/s, audio-hours/s and the ratios. Timings are only comparable within one run.
+All figures come from one invocation, on the same generated corpus (10 s mono 16 kHz FLAC clips in
+WebDataset tars of 50):
+- floor: decode + fbank of every clip in this process, one thread (pipeline.audio +
+  ast_model.features, batches of 16): the work the pipeline exists to do;
+- model: our AST forward on the same fbank, one thread (its work, without any threading cost);
+- Ray's own floor: a fresh process that starts a local Ray and runs an empty Ray Data graph of
+  the same shape (a read, one actor, one task stage): the start-up no Ray Data job avoids;
+- ast-label run, twice (a small and the full corpus), each in a fresh process that starts its own
+  local Ray: CPU-seconds of the whole run (utime + stime of the CLI and every process it starts,
+  sampled from /proc), wall time, peak PSS. marginal = (cpu_full - cpu_small) / (clips_full -
+  clips_small); start-up = cpu_small - clips_small * marginal; outside the model = marginal - model;
+- transformers loop: soundfile + ASTFeatureExtractor + ASTForAudioClassification, one file at a
+  time (what a user would write first), clips/s;
+- per stage: Ray Data's operator stats of the full run (from OUT/.ast-label/ray-data-stats.txt).
+Compare ratios within one invocation only: these machines are shared and noisy.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +43,7 @@ import torch
 
 HF_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 os.environ.update(HF_OFFLINE)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SIZES = {
     # hidden, layers, heads, mlp, strides: "tiny" keeps the pipeline's own costs visible.
@@ -47,6 +59,8 @@ SIZES = {
 }
 CLIP_S = 10.0
 CLIPS_PER_SHARD = 50
+FLOOR_BATCH = 16
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def write_checkpoint(size: str, directory: Path) -> Path:
@@ -63,63 +77,165 @@ def write_checkpoint(size: str, directory: Path) -> Path:
     return directory
 
 
-def write_corpus(directory: Path, clips: int, seed: int = 0) -> list[tuple[str, bytes]]:
+def write_corpus(directory: Path, clips: int, seed: int = 0) -> list[bytes]:
     """Tar shards of 10 s mono 16 kHz FLAC clips (tones in noise); returns each clip's bytes."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     clips_bytes = []
     t = np.arange(int(CLIP_S * 16_000)) / 16_000
-    for index in range(clips):
-        wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t) + 0.05 * rng.standard_normal(
-            t.size
-        )
+    for _ in range(clips):
+        tone = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t)
+        wave = tone + 0.05 * rng.standard_normal(t.size)
         buffer = io.BytesIO()
         sf.write(buffer, wave.astype(np.float32), 16_000, format="FLAC")
-        clips_bytes.append((f"clip-{index:06d}.flac", buffer.getvalue()))
+        clips_bytes.append(buffer.getvalue())
     for shard_index, start in enumerate(range(0, clips, CLIPS_PER_SHARD)):
         with tarfile.open(directory / f"shard-{shard_index:06d}.tar", "w") as tar:
-            for name, data in clips_bytes[start : start + CLIPS_PER_SHARD]:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            for index in range(start, min(start + CLIPS_PER_SHARD, clips)):
+                info = tarfile.TarInfo(f"clip-{index:06d}.flac")
+                info.size = len(clips_bytes[index])
+                tar.addfile(info, io.BytesIO(clips_bytes[index]))
     return clips_bytes
 
 
-def baseline_seconds(checkpoint: Path, clips: list[tuple[str, bytes]]) -> float:
-    import torchaudio
+# --- references measured in this process ------------------------------------------------------
+
+
+def floor_fbank(clips: list[bytes]) -> tuple[float, list[torch.Tensor]]:
+    """CPU-seconds per clip of decode + window + fbank on one thread; and the fbank batches."""
+    from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
+    from pipeline.audio import cut_windows, decode_audio
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    config = FbankConfig()
+    batches = []
+    started = time.process_time()
+    with torch.inference_mode():
+        for first in range(0, len(clips), FLOOR_BATCH):
+            windows = []
+            for data in clips[first : first + FLOOR_BATCH]:
+                decoded = decode_audio(data, "flac", 3600.0)
+                windows += [w.waveform for w in cut_windows(decoded.waveform, 10.24)]
+            batches.append(compute_fbank(*pad_waveforms(windows), config))
+    per_clip = (time.process_time() - started) / len(clips)
+    torch.set_num_threads(threads)
+    return per_clip, batches
+
+
+def model_cpu(checkpoint: Path, batches: list[torch.Tensor], threads: int = 1) -> float:
+    """CPU-seconds per clip of our model's forward."""
+    from ast_model.checkpoint import load_checkpoint
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = load_checkpoint(str(checkpoint)).model.eval()
+    with torch.inference_mode():
+        model(batches[0])  # warm-up
+        started = time.process_time()
+        for batch in batches:
+            model(batch)
+        spent = time.process_time() - started
+    torch.set_num_threads(previous)
+    return spent / sum(len(batch) for batch in batches)
+
+
+def transformers_loop_s(checkpoint: Path, clips: list[bytes]) -> float:
     from transformers import ASTFeatureExtractor, ASTForAudioClassification
 
     extractor = ASTFeatureExtractor()
     model = ASTForAudioClassification.from_pretrained(checkpoint).eval()
     started = time.perf_counter()
-    for _, data in clips:
+    for data in clips:
         wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        mono = torch.from_numpy(wave.mean(axis=1))
-        if rate != 16_000:
-            mono = torchaudio.functional.resample(mono, rate, 16_000)
-        inputs = extractor(mono.numpy(), sampling_rate=16_000, return_tensors="pt")
+        assert rate == 16_000
+        inputs = extractor(wave.mean(axis=1), sampling_rate=16_000, return_tensors="pt")
         with torch.inference_mode():
-            logits = model(**inputs).logits
-        torch.sigmoid(logits)
+            torch.sigmoid(model(**inputs).logits)
     return time.perf_counter() - started
 
 
-def session_pss_bytes(session_id: int) -> int:
-    """Summed proportional set size of every process in a session (shared pages counted once)."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) != session_id:
-                continue
-            for line in (stat.parent / "smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
+# --- ast-label run in a fresh process ---------------------------------------------------------
 
 
-def run_ast_label(corpus: Path, output: Path, checkpoint: Path, batch_size: int) -> dict:
+@dataclass
+class RunCost:
+    clips: int
+    wall_s: float
+    cpu_s: float  # all processes of the run
+    peak_pss_gib: float
+    stats: str  # Ray Data's operator stats
+    by_process: dict[str, tuple[int, float]]  # process title -> (processes, CPU-seconds)
+
+
+class SessionSampler:
+    """CPU-seconds and peak PSS of every process in one session (the CLI and what it starts).
+
+    A process's CPU is read from /proc until it exits; the last reading counts (sampled every
+    0.1 s, so an exiting process's final tenth of a second may be missed: an undercount, small
+    beside the totals)."""
+
+    def __init__(self, session_id: int, memory: bool):
+        self.session_id = session_id
+        self.memory = memory
+        self.cpu_ticks: dict[tuple[int, int], int] = {}  # (pid, start time) -> utime + stime
+        self.names: dict[tuple[int, int], str] = {}  # (pid, start time) -> process title
+        self.peak_pss = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        rounds = 0
+        while not self.stop.is_set():
+            pss = 0
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                    if int(fields[3]) != self.session_id:
+                        continue
+                    key = (int(stat.parent.name), int(fields[19]))
+                    self.cpu_ticks[key] = int(fields[11]) + int(fields[12])
+                    if key not in self.names or self.names[key].startswith("ray::IDLE"):
+                        self.names[key] = _process_title(stat.parent)
+                    if self.memory and rounds % 5 == 0:
+                        for line in (stat.parent / "smaps_rollup").read_text().splitlines():
+                            if line.startswith("Pss:"):
+                                pss += int(line.split()[1]) * 1024
+                except (OSError, ValueError, IndexError):
+                    continue
+            self.peak_pss = max(self.peak_pss, pss)
+            rounds += 1
+            time.sleep(0.1)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu_ticks.values()) / CLOCK_TICKS
+
+    def cpu_by_process(self) -> dict[str, tuple[int, float]]:
+        """Process title -> (processes, CPU-seconds), e.g. raylet, gcs_server, ray::MapWorker."""
+        grouped: dict[str, tuple[int, float]] = {}
+        for key, ticks in self.cpu_ticks.items():
+            count, seconds = grouped.get(self.names.get(key, "?"), (0, 0.0))
+            grouped[self.names.get(key, "?")] = (count + 1, seconds + ticks / CLOCK_TICKS)
+        return dict(sorted(grouped.items(), key=lambda item: -item[1][1]))
+
+
+def _process_title(proc: Path) -> str:
+    """A short name for a process: Ray's worker title (ray::Task), or the program's name."""
+    words = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    first = words[0]
+    if first.startswith("ray::"):
+        return first.split(" ")[0].split("(")[0]
+    program = os.path.basename(first)
+    if program.startswith("python") and len(words) > 1:
+        script = next((w for w in words[1:] if w and not w.startswith("-")), "")
+        return os.path.basename(script) or program
+    return program
+
+
+def run_ast_label(
+    corpus: Path, output: Path, checkpoint: Path, clips: int, memory: bool, extra: list[str]
+) -> RunCost:
     command = [
         str(Path(sys.executable).with_name("ast-label")),
         "run",
@@ -128,75 +244,142 @@ def run_ast_label(corpus: Path, output: Path, checkpoint: Path, batch_size: int)
         str(output),
         "--model",
         str(checkpoint),
-        "--batch-size",
-        str(batch_size),
+        *extra,
     ]
     env = {**os.environ, **HF_OFFLINE, "RAY_ADDRESS": ""}
     started = time.perf_counter()
     process = subprocess.Popen(
-        command,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    peak = 0
-
-    def sample() -> None:
-        nonlocal peak
-        while process.poll() is None:
-            peak = max(peak, session_pss_bytes(process.pid))
-            time.sleep(0.25)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    stdout, stderr = process.communicate()
+    sampler = SessionSampler(process.pid, memory)
+    sampler.thread.start()
+    _, stderr = process.communicate()
     wall = time.perf_counter() - started
-    sampler.join()
+    time.sleep(0.3)  # Ray's processes end after the CLI; let the sampler see their last ticks
+    sampler.stop.set()
+    sampler.thread.join()
     if process.returncode != 0:
-        raise SystemExit(f"ast-label run failed:\n{stderr[-3000:]}")
-    summary = json.loads((output / "_summary.json").read_text())
-    return {"wall_s": wall, "peak_pss_gib": peak / 2**30, "summary": summary}
+        raise SystemExit(f"ast-label run failed:\n{stderr.decode()[-3000:]}")
+    summary = json.loads((output / ".ast-label" / "summary.json").read_text())
+    assert summary["files"] == clips and summary["errors"] == 0, summary
+    stats_file = output / ".ast-label" / "ray-data-stats.txt"
+    stats = stats_file.read_text() if stats_file.exists() else "(no stats file)"
+    return RunCost(
+        clips, wall, sampler.cpu_s, sampler.peak_pss / 2**30, stats, sampler.cpu_by_process()
+    )
+
+
+RAY_DATA_FLOOR = """
+import ray
+ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+class Identity:
+    def __call__(self, batch):
+        return batch
+dataset = ray.data.range(16, override_num_blocks=2).map_batches(
+    Identity, compute=ray.data.ActorPoolStrategy(size=1), max_restarts=0
+).map_batches(lambda batch: batch, num_cpus=0.25)
+assert len(dataset.take_all()) == 16
+"""
+
+
+def ray_data_floor() -> float:
+    """CPU-seconds of a process that starts a local Ray and runs an empty graph shaped like ours."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", RAY_DATA_FLOOR],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    sampler = SessionSampler(process.pid, memory=False)
+    sampler.thread.start()
+    process.wait()
+    time.sleep(0.3)
+    sampler.stop.set()
+    sampler.thread.join()
+    return sampler.cpu_s
+
+
+def stage_lines(stats: str) -> list[str]:
+    """The per-operator headline and CPU lines of Ray Data's stats."""
+    keep = ("Operator", "* Remote cpu time", "* Remote wall time", "* Output num rows per block")
+    return [line.rstrip() for line in stats.splitlines() if line.strip().startswith(keep)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--clips", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--no-memory", action="store_true", help="Skip the 10x memory run.")
+    parser.add_argument("--clips", type=int, default=2000, help="Clips of the full run.")
+    parser.add_argument("--small-clips", type=int, default=100, help="Clips of the small run.")
+    parser.add_argument("--memory", action="store_true", help="Also peak memory at 10x clips.")
+    parser.add_argument(
+        "--run-args", default="", help="Extra `ast-label run` options, e.g. '--batch-size 32'."
+    )
     args = parser.parse_args()
+    extra = args.run_args.split()
+    cpus = os.cpu_count() or 1
 
     with tempfile.TemporaryDirectory(prefix="ast-label-bench-") as scratch:
         root = Path(scratch)
         checkpoint = write_checkpoint(args.size, root / "model")
         clips = write_corpus(root / "corpus", args.clips)
-        audio_hours = len(clips) * CLIP_S / 3600
-        base_s = baseline_seconds(checkpoint, clips)
-        ours = run_ast_label(root / "corpus", root / "out", checkpoint, args.batch_size)
+        write_corpus(root / "small", args.small_clips)
+
+        floor, batches = floor_fbank(clips[: min(len(clips), 400)])
+        model = model_cpu(checkpoint, batches[:8])
+        ray_floor = ray_data_floor()
+        base_s = transformers_loop_s(checkpoint, clips)
+        small = run_ast_label(
+            root / "small", root / "out-small", checkpoint, args.small_clips, False, extra
+        )
+        full = run_ast_label(
+            root / "corpus", root / "out", checkpoint, args.clips, args.memory, extra
+        )
+
+        marginal = (full.cpu_s - small.cpu_s) / (full.clips - small.clips)
+        startup = small.cpu_s - small.clips * marginal
+        outside = marginal - model
         print(
-            f"model {args.size}, {len(clips)} clips of {CLIP_S:g} s, "
-            f"{torch.get_num_threads()} torch threads"
+            f"model {args.size}; {args.clips} clips of {CLIP_S:g} s; {cpus} CPUs; "
+            f"run args: {' '.join(extra) or '(defaults)'}"
+        )
+        print("CPU-seconds per clip (ms):")
+        print(f"  floor: decode + fbank, 1 thread      {floor * 1e3:8.2f}")
+        print(f"  model forward (1 thread)             {model * 1e3:8.2f}")
+        print(f"  ast-label run, marginal              {marginal * 1e3:8.2f}")
+        print(
+            f"  ast-label run, outside the model     {outside * 1e3:8.2f}   "
+            f"= {outside / floor:.2f}x the floor (target <= 1.5x)"
         )
         print(
-            f"transformers loop : {base_s:8.1f} s  {len(clips) / base_s:7.2f} clips/s  "
-            f"{audio_hours / base_s * 3600:8.1f} audio-s/s"
+            f"start-up CPU (Ray, actors, imports): {startup:.1f} s (target <= 10 s), of which "
+            f"Ray + Ray Data alone take {ray_floor:.1f} s (an empty graph of the same shape); "
+            f"small run {small.clips} clips {small.cpu_s:.1f} CPU-s, "
+            f"full run {full.clips} clips {full.cpu_s:.1f} CPU-s"
         )
         print(
-            f"ast-label run     : {ours['wall_s']:8.1f} s  "
-            f"{len(clips) / ours['wall_s']:7.2f} clips/s  "
-            f"{audio_hours / ours['wall_s'] * 3600:8.1f} audio-s/s  (incl. Ray start-up)"
+            f"clips/s: transformers loop {len(clips) / base_s:.1f}, ast-label run "
+            f"{full.clips / full.wall_s:.1f} (start-up included, {full.wall_s:.1f} s wall): "
+            f"{base_s / full.wall_s:.2f}x (target >= 1.5x)"
         )
-        print(f"ratio ast-label / transformers (clips/s): {base_s / ours['wall_s']:.2f}x")
-        print(f"peak memory 1x ({len(clips)} clips): {ours['peak_pss_gib']:.2f} GiB PSS")
-        if not args.no_memory:
+        print("CPU-seconds by process (small run | full run):")
+        for name in full.by_process:
+            small_count, small_s = small.by_process.get(name, (0, 0.0))
+            full_count, full_s = full.by_process[name]
+            small_text = f"{small_count:3d} x {small_s:6.1f} s"
+            print(f"  {name:32s} {small_text} | {full_count:3d} x {full_s:6.1f} s")
+        print("where the time goes (Ray Data operator stats, full run):")
+        for line in stage_lines(full.stats):
+            print(f"  {line.strip()}")
+        if args.memory:
             write_corpus(root / "corpus10", args.clips * 10, seed=1)
-            tenfold = run_ast_label(root / "corpus10", root / "out10", checkpoint, args.batch_size)
+            tenfold = run_ast_label(
+                root / "corpus10", root / "out10", checkpoint, args.clips * 10, True, extra
+            )
             print(
-                f"peak memory 10x ({args.clips * 10} clips): {tenfold['peak_pss_gib']:.2f} GiB PSS "
-                f"({tenfold['peak_pss_gib'] / ours['peak_pss_gib']:.2f}x of 1x); "
-                f"{args.clips * 10 / tenfold['wall_s']:.2f} clips/s"
+                f"peak memory (PSS, all processes): {full.peak_pss_gib:.2f} GiB at "
+                f"{args.clips} clips, {tenfold.peak_pss_gib:.2f} GiB at {args.clips * 10} "
+                f"({tenfold.peak_pss_gib / full.peak_pss_gib:.2f}x)"
             )
 
 

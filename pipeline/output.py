@@ -2,27 +2,36 @@
 
 Layout under the output URI OUT:
 
-    OUT/<unit_id>.parquet                      final rows of one unit, sorted by (key, window)
-    OUT/_staging/<unit_id>/<run_id>-<uuid>.parquet   parts written by the Ray write stage
-    OUT/_commits/<unit_id>.json                the commit marker: the unit is done
-    OUT/_summary.json                          the last run's summary
+    OUT/<unit_id>.parquet                           final rows of one unit, sorted by key, window
+    OUT/.ast-label/staging/<unit_id>/<run>-<uuid>.parquet   parts written by the Ray write stage
+    OUT/.ast-label/commits/<unit_id>.json           the commit marker: the unit is done
+    OUT/.ast-label/index.jsonl.gz                   every marker of the output, in one file
+    OUT/.ast-label/summary.json                     the last run's summary
+    OUT/.ast-label/ray-data-stats.txt               the last run's per-stage times (Ray Data)
+
+Only the data sits at the top, so every Parquet reader takes OUT as it is (pyarrow.dataset,
+pandas, DuckDB's `OUT/*.parquet`, Ray, Hugging Face `datasets`): they all skip hidden folders.
 
 Protocol: write tasks stage parts (any number per unit, from any batch); the driver counts staged
 rows per unit (`CommitTracker`) and, once a unit's total is in, `commit_unit` merges exactly the
 parts it was told about into one file written in a single atomic step, then writes the marker.
 A rerun skips units whose marker matches (`check_resume`) and redoes the rest, overwriting the same
 deterministic file names, so nothing is duplicated or lost whatever point a run was killed at.
-Readers of `OUT/*.parquet` never see staging: it sits under `_staging`, which pyarrow.dataset
-skips (leading underscore) and which a `*.parquet` glob does not descend into.
+A unit whose storage failed (see pipeline.rows) is never committed; its staging is removed.
+
+The index is a cache of the markers, never the commit point: a rerun lists the markers (one LIST
+per 1000 on S3), takes the fields of those older than the index from it, and reads only the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import re
@@ -42,18 +51,30 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline import rows as R
 from pipeline.errors import UserError
-from pipeline.storage import filesystem_for, join_uri
+from pipeline.storage import (
+    RetryPolicy,
+    StorageError,
+    error_reason,
+    filesystem_for,
+    join_uri,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
 Batch = Mapping[str, np.ndarray]
 
 METADATA_KEY = b"ast_label"
-STAGING_DIR = "_staging"
-COMMITS_DIR = "_commits"
-SUMMARY_NAME = "_summary.json"
-MARKER_VERSION = 1
+# Everything but the data lives in one hidden folder, which every Parquet reader skips.
+META_DIR = ".ast-label"
+STAGING_DIR = f"{META_DIR}/staging"
+COMMITS_DIR = f"{META_DIR}/commits"
+INDEX_NAME = f"{META_DIR}/index.jsonl.gz"
+SUMMARY_NAME = f"{META_DIR}/summary.json"
+STATS_NAME = f"{META_DIR}/ray-data-stats.txt"
+MARKER_VERSION = 2
 
 # S3 part size for final files: files under twice this go up in one PUT, bigger ones as a multipart
 # upload that becomes visible only when completed (s3fs aborts it on failure). 8 MiB parts keep a
@@ -67,6 +88,8 @@ ROW_GROUP_BYTES = 64 * 2**20
 FINGERPRINT_IGNORES = ("model", "package_version")
 # Distinct error reasons kept per marker; the rest are counted under one entry.
 MAX_ERROR_REASONS = 50
+# Markers read one by one at the start of a run beyond which the index is rewritten at once.
+INDEX_REFRESH_AFTER = 1000
 
 # Unit ids become file names; a leading "_" or "." would hide the final file from readers.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -74,8 +97,8 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 class OutputError(UserError):
-    """The output location cannot take this run's results (another model's results, changed input
-    grouping); the message says what to do."""
+    """The output location cannot take this run's results (missing bucket, no write access, a file
+    in the way, another model's results, changed input grouping); the message says what to do."""
 
 
 def output_schema(hidden_size: int, num_labels: int) -> pa.Schema:
@@ -84,7 +107,7 @@ def output_schema(hidden_size: int, num_labels: int) -> pa.Schema:
         [
             pa.field("shard", pa.string()),
             pa.field("key", pa.string()),
-            pa.field("window", pa.int32()),
+            pa.field("window_index", pa.int32()),
             pa.field("start_s", pa.float64()),
             pa.field("end_s", pa.float64()),
             pa.field("duration_s", pa.float64()),
@@ -145,7 +168,7 @@ class OutputSpec:
 
 
 def rows_to_table(batch: Batch, spec: OutputSpec) -> pa.Table:
-    """A numpy batch of result rows -> a table with exactly the output schema.
+    """A numpy batch of result rows (see pipeline.rows) -> a table with exactly the output schema.
 
     Vectors come as (B, D) float arrays or object arrays with None on error rows. Top lists come as
     `top_labels`/`top_scores` (object arrays of lists, or (B, k) arrays), or are derived from
@@ -153,30 +176,30 @@ def rows_to_table(batch: Batch, spec: OutputSpec) -> pa.Table:
     vectors and top lists whatever the batch holds there (the classifier fills zeros for them).
     Extra columns (unit_id, unit_rows, ...) are ignored. NaN in the float columns becomes null.
     """
-    error = optional_strings(batch["error"])
+    error = optional_strings(batch[R.ERROR])
     failed = np.asarray(error.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     top_labels, top_scores = _top_lists(batch, spec)
     columns = {
-        "shard": pa.array(batch["shard"], type=pa.string()),
-        "key": pa.array(batch["key"], type=pa.string()),
-        "window": pa.array(batch["window"], type=pa.int32()),
-        "start_s": pa.array(batch["start_s"], type=pa.float64(), from_pandas=True),
-        "end_s": pa.array(batch["end_s"], type=pa.float64(), from_pandas=True),
-        "duration_s": pa.array(batch["duration_s"], type=pa.float64(), from_pandas=True),
-        "sample_rate": pa.array(batch["sample_rate"], type=pa.int32()),
-        "embedding": _vector_column(batch, "embedding", spec.hidden_size, failed),
-        "scores": _vector_column(batch, "scores", spec.num_labels, failed),
+        "shard": pa.array(batch[R.SHARD], type=pa.string()),
+        "key": pa.array(batch[R.KEY], type=pa.string()),
+        "window_index": pa.array(batch[R.WINDOW_INDEX], type=pa.int32()),
+        "start_s": pa.array(batch[R.START_S], type=pa.float64(), from_pandas=True),
+        "end_s": pa.array(batch[R.END_S], type=pa.float64(), from_pandas=True),
+        "duration_s": pa.array(batch[R.DURATION_S], type=pa.float64(), from_pandas=True),
+        "sample_rate": pa.array(batch[R.SAMPLE_RATE], type=pa.int32()),
+        "embedding": _vector_column(batch, R.EMBEDDING, spec.hidden_size, failed),
+        "scores": _vector_column(batch, R.SCORES, spec.num_labels, failed),
         "top_labels": _list_column(top_labels, pa.string(), failed, batch, "top_labels"),
         "top_scores": _list_column(top_scores, pa.float32(), failed, batch, "top_scores"),
-        "metadata": optional_strings(batch["metadata"]),
+        "metadata": optional_strings(batch[R.METADATA]),
         "error": error,
     }
     return pa.Table.from_arrays(list(columns.values()), schema=spec.schema)
 
 
 def optional_strings(values: Sequence) -> pa.Array:
-    """A nullable string column: the stages carry null as "" (see pipeline.stages._to_batch), and
-    a block whose values were all None reaches numpy as NaN floats; both mean null."""
+    """A nullable string column: the stages carry null as "" (see pipeline.rows), and a block
+    whose values were all None reaches numpy as NaN floats; both mean null."""
     strings = [value if isinstance(value, str) and value else None for value in values]
     return pa.array(strings, type=pa.string())
 
@@ -184,13 +207,13 @@ def optional_strings(values: Sequence) -> pa.Array:
 def _top_lists(batch: Batch, spec: OutputSpec) -> tuple[Sequence, Sequence]:
     if "top_labels" in batch:
         return batch["top_labels"], batch["top_scores"]
-    top_index = np.asarray(batch["top_index"], dtype=np.int64)  # (B, k)
+    top_index = np.asarray(batch[R.TOP_INDEX], dtype=np.int64)  # (B, k)
     names = np.asarray(spec.label_names, dtype=object)
     if len(names) != spec.num_labels:
         raise ValueError(
             f"top_index needs {spec.num_labels} label names, file_metadata has {len(names)}"
         )
-    scores = _dense_or_none(batch["scores"], spec.num_labels)
+    scores = _dense_or_none(batch[R.SCORES], spec.num_labels)
     return names[top_index], np.take_along_axis(scores, top_index, axis=1)
 
 
@@ -253,36 +276,52 @@ def _list_column(
 
 
 def write_staging_parts(batch: Batch, spec: OutputSpec) -> dict[str, np.ndarray]:
-    """Writes one staging part per unit present in the batch; returns one record per part.
+    """Writes one staging part per unit present in the batch; returns one record per unit.
 
     Records: unit_id, part_uri, rows, unit_rows (the unit's total when this part holds the row
-    that carries it, else 0). The driver feeds them to CommitTracker.
+    that carries it, else 0), unit_failure (why the unit must not commit, else ""; then no part is
+    written and part_uri is ""). The driver feeds them to CommitTracker.
     """
-    table = rows_to_table(batch, spec)
-    unit_ids = np.asarray(batch["unit_id"]).astype(str)
+    unit_ids = np.asarray(batch[R.UNIT_ID]).astype(str)
     count = len(unit_ids)
-    unit_rows = np.asarray(batch.get("unit_rows", np.zeros(count)), dtype=np.int64)
-    fs, root = filesystem_for(spec.output_uri)
+    unit_rows = np.asarray(batch.get(R.UNIT_ROWS, np.zeros(count)), dtype=np.int64)
+    unit_failure = batch.get(R.UNIT_FAILURE, np.full(count, "", dtype=object))
     ids, group_of_row = np.unique(unit_ids, return_inverse=True)
-    records: dict[str, list] = {"unit_id": [], "part_uri": [], "rows": [], "unit_rows": []}
+    failures = {str(unit_ids[i]): str(unit_failure[i]) for i in range(count) if unit_failure[i]}
+    labeled = np.array([not failure for failure in unit_failure], dtype=bool)
+    table = rows_to_table({name: values[labeled] for name, values in batch.items()}, spec)
+    table_row = np.cumsum(labeled) - 1  # batch row -> its row in `table`
+    fs, root = filesystem_for(spec.output_uri)
+    records: dict[str, list] = {
+        "unit_id": [],
+        "part_uri": [],
+        "rows": [],
+        "unit_rows": [],
+        R.UNIT_FAILURE: [],
+    }
     for group, unit_id in enumerate(ids):
         _check_name("unit id", unit_id)
         rows = np.flatnonzero(group_of_row == group)
-        name = f"{spec.run_id}-{uuid.uuid4().hex}.parquet"
-        _put(
-            fs,
-            posixpath.join(root, STAGING_DIR, unit_id, name),
-            _parquet_bytes(table.take(rows), spec),
-        )
+        failure, part_uri = failures.get(unit_id, ""), ""
+        if not failure:
+            name = f"{spec.run_id}-{uuid.uuid4().hex}.parquet"
+            part_uri = join_uri(spec.output_uri, STAGING_DIR, unit_id, name)
+            data = _parquet_bytes(table.take(table_row[rows]), spec)
+            try:
+                _put(fs, posixpath.join(root, STAGING_DIR, unit_id, name), data)
+            except StorageError as error:
+                failure, part_uri = f"staging write failed: {error}", ""
         records["unit_id"].append(unit_id)
-        records["part_uri"].append(join_uri(spec.output_uri, STAGING_DIR, unit_id, name))
+        records["part_uri"].append(part_uri)
         records["rows"].append(len(rows))
         records["unit_rows"].append(int(unit_rows[rows].max()))
+        records[R.UNIT_FAILURE].append(failure)
     return {
         "unit_id": np.array(records["unit_id"], dtype=object),
         "part_uri": np.array(records["part_uri"], dtype=object),
         "rows": np.array(records["rows"], dtype=np.int64),
         "unit_rows": np.array(records["unit_rows"], dtype=np.int64),
+        R.UNIT_FAILURE: np.array(records[R.UNIT_FAILURE], dtype=object),
     }
 
 
@@ -306,39 +345,56 @@ class _UnitParts:
 class CommitTracker:
     """Counts staged rows per unit; a unit is complete when its total is known and all rows are in.
 
-    Holds only units in flight: a completed unit is forgotten, so a record arriving for it later
-    (which would mean duplicate rows) opens a new entry that never completes and shows in `pending`.
+    Holds only units in flight: a completed unit is forgotten. A unit that fails (a record with
+    `unit_failure`, or more rows than its total, which would mean rows arriving twice) is moved to
+    `failed` and everything that arrives for it later is ignored: it is never committed.
     """
 
     def __init__(self) -> None:
         self._units: dict[str, _UnitParts] = {}
+        self.failed: dict[str, str] = {}  # unit_id -> why it did not commit
 
     def add(self, records: Batch) -> list[CompletedUnit]:
         completed: list[CompletedUnit] = []
-        unit_rows = records.get("unit_rows", np.zeros(len(records["unit_id"]), dtype=np.int64))
-        for unit_id, part_uri, rows, total in zip(
-            records["unit_id"], records["part_uri"], records["rows"], unit_rows, strict=True
+        count = len(records["unit_id"])
+        unit_rows = records.get("unit_rows", np.zeros(count, dtype=np.int64))
+        failures = records.get(R.UNIT_FAILURE, np.full(count, "", dtype=object))
+        for unit_id, part_uri, rows, total, failure in zip(
+            records["unit_id"],
+            records["part_uri"],
+            records["rows"],
+            unit_rows,
+            failures,
+            strict=True,
         ):
             unit_id, part_uri, rows, total = str(unit_id), str(part_uri), int(rows), int(total)
+            if unit_id in self.failed:
+                continue
+            if failure:
+                self.fail(unit_id, str(failure))
+                continue
             unit = self._units.setdefault(unit_id, _UnitParts())
             if part_uri in unit.part_uris:
                 continue  # the same record seen twice names the same rows: count them once
             if total and unit.total and total != unit.total:
-                raise RuntimeError(
-                    f"unit {unit_id}: two different row totals, {unit.total} and {total}"
-                )
+                self.fail(unit_id, f"two different row totals, {unit.total} and {total}")
+                continue
             unit.total = total or unit.total
             unit.part_uris.append(part_uri)
             unit.rows += rows
             if unit.total and unit.rows > unit.total:
-                raise RuntimeError(
-                    f"unit {unit_id}: {unit.rows} rows staged but the unit has {unit.total}; "
-                    "refusing to commit duplicates"
+                self.fail(
+                    unit_id,
+                    f"{unit.rows} rows staged but the unit has {unit.total} (rows arrived twice)",
                 )
-            if unit.total and unit.rows == unit.total:
+            elif unit.total and unit.rows == unit.total:
                 completed.append(CompletedUnit(unit_id, tuple(unit.part_uris), unit.rows))
                 del self._units[unit_id]
         return completed
+
+    def fail(self, unit_id: str, reason: str) -> None:
+        self._units.pop(unit_id, None)
+        self.failed.setdefault(unit_id, reason)
 
     @property
     def pending(self) -> dict[str, tuple[int, int]]:
@@ -360,12 +416,16 @@ def commit_unit(
 
     The final file appears in one atomic step, then the marker (the commit point), then the unit's
     whole staging folder goes, including parts of killed earlier runs that no tracker listed.
-    Committing again writes the same file bytes. Returns the marker.
+    Committing again writes the same file bytes. Returns the marker. Raises StorageError when the
+    store fails after the retries (the unit then stays uncommitted).
     """
     _check_name("unit id", unit_id)
     fs, root = filesystem_for(spec.output_uri)
     part_paths = [filesystem_for(uri)[1] for uri in part_uris]
-    tables = [pq.read_table(pa.BufferReader(blob)) for blob in _read_all(fs, part_paths)]
+    blobs = with_retries(
+        lambda: _read_all(fs, part_paths), f"cannot read staged parts of {unit_id}"
+    )
+    tables = [pq.read_table(pa.BufferReader(blob)) for blob in blobs]
     table = pa.concat_tables(tables) if tables else spec.schema.empty_table()
     if table.num_rows != expected_rows:
         raise RuntimeError(
@@ -389,8 +449,22 @@ def commit_unit(
         "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _put(fs, _marker_path(root, unit_id), json.dumps(marker, indent=2, sort_keys=True).encode())
-    _remove(fs, posixpath.join(root, STAGING_DIR, unit_id))
+    # Best effort: a rerun removes staging of committed units that a failure here left behind.
+    with contextlib.suppress(Exception):
+        _remove(fs, posixpath.join(root, STAGING_DIR, unit_id))
     return marker
+
+
+def remove_staging(output_uri: str, unit_id: str | None) -> None:
+    """Deletes a unit's staged parts (a unit that will not commit in this run), or with None the
+    staging folder when it is empty; best effort."""
+    fs, root = filesystem_for(output_uri)
+    staging = posixpath.join(root, STAGING_DIR)
+    if unit_id is None:
+        _remove_if_empty(fs, staging)
+        return
+    with contextlib.suppress(Exception):
+        _remove(fs, posixpath.join(staging, unit_id))
 
 
 def _sorted(table: pa.Table) -> pa.Table:
@@ -400,7 +474,7 @@ def _sorted(table: pa.Table) -> pa.Table:
     sort_columns = pa.table(
         {
             "key": table["key"],
-            "window": table["window"],
+            "window_index": table["window_index"],
             "error": pc.fill_null(table["error"], ""),
         }
     )
@@ -438,20 +512,69 @@ def _parquet_bytes(table: pa.Table, spec: OutputSpec) -> bytes:
     return buffer.getvalue()
 
 
-# --- resume ------------------------------------------------------------------------------------
+# --- before a run: is the output usable, what does it hold --------------------------------------
+
+
+def check_output_writable(output_uri: str) -> None:
+    """Fails fast, before any Ray work, when results could not be written: a file where the
+    folder should be, a missing bucket, no write access, no credentials. Writes a small probe
+    object under the output's hidden folder and deletes it again."""
+    fs, root = filesystem_for(output_uri)
+    if _is_local(fs) and os.path.exists(root) and not os.path.isdir(root):
+        raise OutputError(f"--output {output_uri} is a file, not a folder: give a folder or URI")
+    probe = posixpath.join(root, META_DIR, f"probe-{uuid.uuid4().hex}")
+    try:
+        _put(fs, probe, b"ast-label write probe", policy_attempts=1)
+        fs.rm_file(probe)
+    except Exception as error:
+        cause = error.__cause__ if isinstance(error, StorageError) else error
+        raise OutputError(f"cannot write to {output_uri}: {_output_problem(cause)}") from None
+    if _is_local(fs):
+        _remove_if_empty(fs, posixpath.join(root, META_DIR))
+
+
+def _output_problem(error: BaseException | None) -> str:
+    text = error_reason(error) if error is not None else "unknown error"
+    lowered = text.lower()
+    if "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+        return f"the bucket does not exist ({text}); create it or fix the bucket name"
+    if (
+        isinstance(error, PermissionError)
+        or "accessdenied" in lowered
+        or "access denied" in lowered
+    ):
+        return f"access denied ({text}); check the credentials' write permission on this prefix"
+    if "credentials" in lowered:
+        return (
+            f"no usable AWS credentials ({text}); set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, or run where an instance profile applies"
+        )
+    if isinstance(error, NotADirectoryError | FileExistsError):
+        return f"a file is in the way ({text}); give a folder"
+    return f"{text}; check the output location and try again"
 
 
 def read_commit_markers(output_uri: str) -> dict[str, dict[str, Any]]:
-    """unit_id -> marker for every readable marker under OUT/_commits."""
+    """unit_id -> marker for every committed unit under OUT: the markers listed (the commit
+    points), their fields taken from the index where it is newer than the marker, read otherwise.
+    Raises StorageError when the output cannot be listed or read."""
     fs, root = filesystem_for(output_uri)
-    paths = [
-        path
-        for path in _list(fs, posixpath.join(root, COMMITS_DIR))
-        if path.endswith(".json") and not posixpath.basename(path).startswith(".")
-    ]
-    markers: dict[str, dict[str, Any]] = {}
-    for path, blob in zip(paths, _read_all(fs, paths), strict=True):
-        unit_id = posixpath.basename(path)[: -len(".json")]
+    commits = posixpath.join(root, COMMITS_DIR)
+    listed = {
+        posixpath.basename(info["name"])[: -len(".json")]: _modified_s(info)
+        for info in with_retries(lambda: _list_detail(fs, commits), f"cannot list {commits}")
+        if info["name"].endswith(".json") and not posixpath.basename(info["name"]).startswith(".")
+    }
+    index, index_modified = _read_index(fs, root)
+    markers = {
+        unit_id: index[unit_id]
+        for unit_id, modified in listed.items()
+        if unit_id in index and modified is not None and modified < index_modified
+    }
+    missing = [unit_id for unit_id in listed if unit_id not in markers]
+    paths = [_marker_path(root, unit_id) for unit_id in missing]
+    blobs = with_retries(lambda: _read_all(fs, paths), f"cannot read markers under {commits}")
+    for unit_id, path, blob in zip(missing, paths, blobs, strict=True):
         try:
             marker = json.loads(blob)
             valid = marker["unit_id"] == unit_id
@@ -461,7 +584,16 @@ def read_commit_markers(output_uri: str) -> dict[str, dict[str, Any]]:
             markers[unit_id] = marker
         else:  # never written by commit_unit (its writes are atomic): redo that unit
             log.warning("ignoring unreadable commit marker %s", path)
+    if len(missing) > INDEX_REFRESH_AFTER:
+        # A run killed before writing its index: save the next run these reads.
+        write_index(output_uri, markers.values())
     return markers
+
+
+@dataclass(frozen=True)
+class Resume:
+    markers: dict[str, dict[str, Any]]  # every committed unit of the output, planned or not
+    committed: frozenset[str]  # the planned units already committed: the run skips them
 
 
 def check_resume(
@@ -469,20 +601,19 @@ def check_resume(
     planned_units: Iterable[tuple[str, Sequence[str]]],
     model_fingerprint: str,
     overwrite: bool,
-) -> set[str]:
-    """The planned unit ids already committed under output_uri, to skip.
+) -> Resume:
+    """What the output holds already, and which planned units to skip.
 
     Raises OutputError when the output holds another model's/settings' results, or units that
     group this plan's inputs differently (rows would be duplicated). overwrite=True first deletes
-    every ast-label file of the output (final *.parquet, _commits/, _staging/, _summary.json;
-    nothing else) and returns an empty set. A marker without its final file does not count.
+    every ast-label file of the output (final *.parquet and the .ast-label folder; nothing else)
+    and returns nothing. A marker without its final file does not count.
     """
     fs, root = filesystem_for(output_uri)
     if overwrite:
         _wipe(fs, root)
-        return set()
+        return Resume({}, frozenset())
     plan = {unit_id: tuple(sources) for unit_id, sources in planned_units}
-    source_unit = {source: unit_id for unit_id, sources in plan.items() for source in sources}
     markers = read_commit_markers(output_uri)
     for unit_id, marker in sorted(markers.items()):
         if marker.get("model_fingerprint") != model_fingerprint:
@@ -490,6 +621,7 @@ def check_resume(
                 f"{output_uri} holds results from another model or settings (unit {unit_id}); "
                 "use --overwrite to replace them, or another output"
             )
+    source_unit = {source: unit_id for unit_id, sources in plan.items() for source in sources}
     for unit_id, marker in sorted(markers.items()):
         sources = tuple(marker.get("sources", ()))
         regrouped = unit_id in plan and set(sources) != set(plan[unit_id])
@@ -502,17 +634,57 @@ def check_resume(
                 "use --overwrite or another output"
             )
     final_files = {
-        posixpath.basename(path) for path in _list(fs, root) if path.endswith(".parquet")
+        posixpath.basename(path)
+        for path in with_retries(lambda: _list(fs, root), f"cannot list {output_uri}")
+        if path.endswith(".parquet")
     }
-    committed = {
+    committed = frozenset(
         unit_id for unit_id in plan if unit_id in markers and f"{unit_id}.parquet" in final_files
-    }
+    )
     # Staging left by a run killed after a marker but before its cleanup: those units are skipped
     # now, so nothing else would ever remove it.
     for path in _list(fs, posixpath.join(root, STAGING_DIR)):
         if posixpath.basename(path) in committed:
             _remove(fs, path)
-    return committed
+    valid = {unit_id: marker for unit_id, marker in markers.items() if unit_id not in plan}
+    valid.update({unit_id: markers[unit_id] for unit_id in committed})
+    return Resume(valid, committed)
+
+
+def write_index(output_uri: str, markers: Iterable[Mapping[str, Any]]) -> None:
+    """Saves every marker of the output in one file, so that a rerun need not read them one by
+    one (a gzip of JSON lines: 100k markers of tar shards are a few MB)."""
+    lines = "".join(json.dumps(marker, sort_keys=True) + "\n" for marker in markers)
+    fs, root = filesystem_for(output_uri)
+    _put(fs, posixpath.join(root, INDEX_NAME), gzip.compress(lines.encode(), compresslevel=5))
+
+
+def _read_index(fs: fsspec.AbstractFileSystem, root: str) -> tuple[dict[str, dict], float]:
+    """(unit_id -> marker, the index's modification time); ({}, -inf) when there is none usable."""
+    path = posixpath.join(root, INDEX_NAME)
+    try:
+        modified = _modified_s(with_retries(lambda: fs.info(path), f"cannot read {path}"))
+        lines = gzip.decompress(with_retries(lambda: fs.cat_file(path), f"cannot read {path}"))
+        markers = [json.loads(line) for line in lines.splitlines() if line.strip()]
+        index = {marker["unit_id"]: marker for marker in markers}
+    except StorageError as error:
+        if isinstance(error.__cause__, FileNotFoundError):
+            return {}, -math.inf
+        raise
+    except (OSError, EOFError, ValueError, KeyError, TypeError):
+        log.warning("ignoring unreadable index %s", path)
+        return {}, -math.inf
+    return index, (modified if modified is not None else -math.inf)
+
+
+def _modified_s(info: Mapping[str, Any]) -> float | None:
+    """A listing entry's modification time in seconds (local mtime, S3 LastModified)."""
+    if "mtime" in info:
+        return float(info["mtime"])
+    modified = info.get("LastModified") or info.get("last_modified")
+    if isinstance(modified, datetime):
+        return modified.timestamp()
+    return None
 
 
 def write_summary(output_uri: str, summary: Mapping[str, Any]) -> None:
@@ -524,6 +696,12 @@ def write_summary(output_uri: str, summary: Mapping[str, Any]) -> None:
     )
 
 
+def write_stats(output_uri: str, text: str) -> None:
+    """Ray Data's per-operator statistics of the last run: where the time went."""
+    fs, root = filesystem_for(output_uri)
+    _put(fs, posixpath.join(root, STATS_NAME), text.encode())
+
+
 def _wipe(fs: fsspec.AbstractFileSystem, root: str) -> None:
     # Markers first: a wipe killed halfway leaves no marker pointing at a deleted file.
     _remove(fs, posixpath.join(root, COMMITS_DIR))
@@ -531,8 +709,7 @@ def _wipe(fs: fsspec.AbstractFileSystem, root: str) -> None:
         name = posixpath.basename(path)
         if name.endswith(".parquet") or _is_temp_name(name):
             _remove(fs, path)
-    _remove(fs, posixpath.join(root, STAGING_DIR))
-    _remove(fs, posixpath.join(root, SUMMARY_NAME))
+    _remove(fs, posixpath.join(root, META_DIR))
 
 
 # --- storage primitives -----------------------------------------------------------------------
@@ -557,12 +734,22 @@ def _is_temp_name(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name
 
 
-def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Writes a whole file so that readers see either nothing/the old file or all of the new one.
+def _put(
+    fs: fsspec.AbstractFileSystem, path: str, data: bytes, policy_attempts: int | None = None
+) -> None:
+    """Writes a whole file so that readers see either nothing/the old file or all of the new one;
+    retried per storage.RetryPolicy (policy_attempts=1: once), then StorageError.
 
     Local: a hidden temp file in the same folder, fsync, os.replace. Object stores: one pipe_file,
     a single PUT or (s3fs, big files) a multipart upload that only appears once completed.
     """
+    policy = RetryPolicy.from_environment()
+    if policy_attempts is not None:
+        policy = RetryPolicy(policy_attempts, policy.first_delay_s, policy.max_delay_s)
+    with_retries(lambda: _put_once(fs, path, data), f"cannot write {path}", policy)
+
+
+def _put_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if not _is_local(fs):
         protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
         fs.pipe_file(path, data, **({"chunksize": S3_PART_BYTES} if "s3" in protocols else {}))
@@ -596,6 +783,23 @@ def _list(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         return list(fs.ls(path, detail=False))
     except FileNotFoundError:
         return []
+
+
+def _list_detail(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    """Direct children of path with their details (name, size, modification time); [] when it
+    does not exist."""
+    fs.invalidate_cache(path)
+    try:
+        return list(fs.ls(path, detail=True))
+    except FileNotFoundError:
+        return []
+
+
+def _remove_if_empty(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Removes an empty local folder (object stores have no empty folders)."""
+    if _is_local(fs):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 def _read_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes]:

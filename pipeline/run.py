@@ -2,57 +2,63 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-import torch
+import numpy as np
 
-from ast_model.checkpoint import DEFAULT_MODEL, LoadedModel, load_checkpoint
+from ast_model.checkpoint import LoadedModel, load_checkpoint
 from ast_model.features import FbankConfig
-from pipeline.cluster import init_ray
+from pipeline import defaults
 from pipeline.errors import UserError
+from pipeline.options import LabelingOptions
 from pipeline.output import (
     CommitTracker,
     CompletedUnit,
     OutputSpec,
+    check_output_writable,
     check_resume,
     commit_unit,
-    read_commit_markers,
+    remove_staging,
+    write_index,
     write_staging_parts,
+    write_stats,
     write_summary,
 )
+from pipeline.progress import Progress
+from pipeline.rows import FEATURE_DTYPES
 from pipeline.sources import WorkUnit, plan_work_units
-from pipeline.stages import Classify, Featurize, ReadSettings, read_units
+from pipeline.stages import FeatureSettings, ReadSettings, StoredModel, feature_dtype
+from pipeline.storage import error_reason
 
-# Commits are small tasks (read the unit's parts, write one file); bound how many wait at once.
-MAX_COMMITS_IN_FLIGHT = 16
-# Rows per staging part: bigger parts mean fewer small objects to merge at commit time.
-WRITE_BATCH_ROWS = 256
+# Commits are small tasks (read the unit's parts, write one file). In flight at once: one per
+# COMMIT_CPUS CPUs of the cluster (at least 2): enough to keep up with the stream, few enough that
+# Ray reuses idle workers instead of starting a process (2 CPU-s of imports) per commit.
+COMMIT_CPUS = 4
+# A block holds one model batch of fbank plus its rows' other columns (a few KB).
+BLOCK_SLACK_BYTES = 1 << 20
+# Restarts of a classifier actor on a cluster (nodes come and go); none in local mode.
+CLUSTER_ACTOR_RESTARTS = 3
+# Reasons of units that did not commit shown in the summary (all are in summary.json).
+MAX_FAILURES_SHOWN = 10
 
 
 @dataclass(frozen=True)
 class RunConfig:
     inputs: tuple[str, ...]
     output: str
-    model: str = DEFAULT_MODEL
+    options: LabelingOptions = LabelingOptions()  # model, windows, batch, device, precision...
     manifest: str | None = None
-    batch_size: int | None = None  # None: 64 windows on GPU, 16 on CPU
-    feature_actors: int | None = None  # None: sized from the cluster
-    classifier_actors: int | None = None  # None: one per GPU, or one on a CPU-only cluster
-    device: str = "auto"
-    precision: str = "auto"
-    window_s: float | None = None  # None: the model's input length (10.24 s for 1024 frames)
-    hop_s: float | None = None  # None: equal to the window, no overlap
-    top_k: int = 5
-    max_duration_s: float = 3600.0
-    max_member_bytes: int = 2 * 1024**3
-    files_per_unit: int = 256
-    norm_stats: str | None = None
+    classifier_actors: int | None = None  # None: one per GPU, or one per 8 CPUs on CPU
+    files_per_unit: int = defaults.FILES_PER_UNIT
     overwrite: bool = False
     address: str | None = None
+    verbose: bool = False  # Ray's own logs and progress bars
 
 
 @dataclass
@@ -69,9 +75,29 @@ class RunSummary:
     units_skipped: int = 0
     units_labeled: int = 0
     error_reasons: dict[str, int] = field(default_factory=dict)
+    # unit id -> why it did not commit (storage faults): a rerun of the same command labels them
+    units_failed: dict[str, str] = field(default_factory=dict)
+    # input files that folders and globs listed but that are not inputs, by reason
+    inputs_skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return not self.units_failed
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How many of what run where: decided once from the cluster's resources."""
+
+    use_gpu: bool
+    cpus: int
+    gpus: int
+    classifier_actors: int
+    batch_size: int
+    cpu_threads: int | None  # torch threads of a CPU classifier (None on GPU)
 
 
 def package_version() -> str:
@@ -81,35 +107,47 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def run_labeling(config: RunConfig, echo: Callable[[str], None] = print) -> RunSummary:
+def run_labeling(
+    config: RunConfig,
+    echo: Callable[[str], None] = print,
+    progress: Callable[[int], Progress] | None = None,
+) -> RunSummary:
+    """Labels the config's inputs into its output. `echo` takes one-line messages; `progress`
+    makes the progress display for a number of units (None: none)."""
     started = time.monotonic()
-    _check_options(config)
+    options = config.options
+    _check_run_options(config)
     # Everything a user can get wrong is checked here, on the driver, before any Ray work starts.
-    loaded = load_checkpoint(config.model)
-    fbank_config = _fbank_config(loaded, config.norm_stats)
-    window_s, hop_s = _window_settings(config, fbank_config)
-    units = plan_work_units(config.inputs, config.manifest, config.files_per_unit)
-    spec = _output_spec(config, loaded, fbank_config, window_s, hop_s)
-    committed = check_resume(
+    loaded = load_checkpoint(options.model)
+    fbank_config = options.fbank_config(loaded)
+    read = options.read_settings(fbank_config)
+    plan = plan_work_units(
+        config.inputs, config.manifest, config.files_per_unit, exclude=(config.output,)
+    )
+    spec = _output_spec(config.output, options, loaded, fbank_config, read)
+    check_output_writable(config.output)
+    resume = check_resume(
         config.output,
-        [(unit.unit_id, unit.sources) for unit in units],
+        [(unit.unit_id, unit.sources) for unit in plan.units],
         spec.model_fingerprint,
         config.overwrite,
     )
-    todo = [unit for unit in units if unit.unit_id not in committed]
+    todo = [unit for unit in plan.units if unit.unit_id not in resume.committed]
     echo(
-        f"{len(units)} work units: {len(units) - len(todo)} already committed, "
+        f"{len(plan.units)} work units: {len(plan.units) - len(todo)} already committed, "
         f"{len(todo)} to label -> {config.output}"
     )
+    markers = dict(resume.markers)
+    failed: dict[str, str] = {}
     if todo:
-        settings = ReadSettings(window_s, hop_s, config.max_duration_s, config.max_member_bytes)
-        _label_units(todo, config, loaded, fbank_config, settings, spec, echo)
-    markers = read_commit_markers(config.output)
-    missing = {unit.unit_id for unit in todo} - set(markers)
-    if missing:
-        # Every row reached the writer or the stream would have failed; this is a bug, never data.
-        raise RuntimeError(f"{len(missing)} work units did not commit: {sorted(missing)[:5]}")
-    summary = _summarise(config.output, units, todo, markers, time.monotonic() - started)
+        labeled, failed = _label_units(
+            todo, config, loaded, fbank_config, read, spec, echo, progress
+        )
+        markers.update(labeled)
+        write_index(config.output, markers.values())
+    summary = _summarise(config.output, plan.units, todo, markers, time.monotonic() - started)
+    summary.units_failed = failed
+    summary.inputs_skipped = plan.skipped
     write_summary(config.output, summary.to_dict())
     return summary
 
@@ -119,192 +157,232 @@ def _label_units(
     config: RunConfig,
     loaded: LoadedModel,
     fbank_config: FbankConfig,
-    settings: ReadSettings,
+    read: ReadSettings,
     spec: OutputSpec,
     echo: Callable[[str], None],
-) -> None:
-    """The Ray Data graph: read -> featurize (CPU actors) -> classify (GPU/CPU actors) -> stage
-    parts; the driver commits each unit once all of its rows are staged."""
+    make_progress: Callable[[int], Progress] | None,
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """Streams the units through the graph and commits each as soon as all its rows are staged.
+    Returns (markers of the units committed, unit id -> why it did not commit)."""
     import ray
 
-    init_ray(config.address)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    # --device cuda on a cluster with no GPU node up yet asks the autoscaler for one.
-    use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
-    # Ray Data spreads actor pools over all nodes; with GPUs in the cluster the CPU stages use
-    # Ray's default scheduling instead, which keeps CPU-only work off GPU nodes while others fit.
-    cpu_stage_args = {"scheduling_strategy": "DEFAULT"} if use_gpu else {}
-    feature_actors = config.feature_actors or max(1, cpus // 4)
-    # On CPU a model actor runs best with several threads: one actor per 8 CPUs.
-    classifier_actors = config.classifier_actors or max(1, gpus if use_gpu else cpus // 8)
-    batch_size = config.batch_size or (64 if use_gpu else 16)
+    from pipeline.cluster import init_ray
+
+    init_ray(config.address, verbose=config.verbose)
+    placement = _placement(config)
     echo(
-        f"Ray: {cpus} CPUs, {gpus} GPUs; {feature_actors} feature actors, "
-        f"{classifier_actors} classifier actors on {'GPU' if use_gpu else 'CPU'}"
+        f"Ray: {placement.cpus} CPUs, {placement.gpus} GPUs; {placement.classifier_actors} "
+        f"classifier actors on {'GPU' if placement.use_gpu else 'CPU'}, batches of "
+        f"{placement.batch_size}"
     )
-    model_ref = ray.put(loaded)
+    features = FeatureSettings(
+        fbank_config,
+        feature_dtype(config.options.precision, placement.use_gpu),
+        placement.batch_size,
+    )
+    model = StoredModel(ray.put(loaded))
+    dataset = _labeling_graph(units, read, features, model, spec, config, placement)
 
-    dataset = ray.data.from_items(
-        [{"unit": unit.to_json()} for unit in units], override_num_blocks=len(units)
+    progress = make_progress(len(units)) if make_progress else None
+    committer = _Committer(
+        spec,
+        {unit.unit_id: unit.sources for unit in units},
+        max(2, placement.cpus // COMMIT_CPUS),
+        progress,
     )
-    # One task per work unit streams its members; small CPU share so reads overlap with actors.
-    dataset = dataset.map_batches(
-        read_units, batch_size=1, fn_kwargs={"settings": settings}, num_cpus=0.25, **cpu_stage_args
-    )
-    dataset = dataset.map_batches(
-        Featurize,
-        fn_constructor_args=(fbank_config,),
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=feature_actors),
-        num_cpus=0.5,
-        **cpu_stage_args,
-    )
-    dataset = dataset.map_batches(
-        Classify,
-        fn_constructor_args=(
-            model_ref,
-            # "auto" resolves in the actor: a node may advertise a GPU that torch cannot use.
-            config.device if use_gpu else "cpu",
-            config.precision,
-            config.top_k,
-            None if use_gpu else max(1, min(8, cpus // classifier_actors)),
-        ),
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=classifier_actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=1,
-    )
-    dataset = dataset.map_batches(
-        write_staging_parts,
-        fn_kwargs={"spec": spec},
-        batch_size=WRITE_BATCH_ROWS,
-        num_cpus=0.25,
-        **cpu_stage_args,
-    )
-
-    committer = _Committer(spec, {unit.unit_id: unit.sources for unit in units}, echo)
     tracker = CommitTracker()
     for records in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for unit in tracker.add(records):
             committer.submit(unit)
-        committer.report_finished()
-    committer.wait_all()
+        for unit_id in list(tracker.failed):
+            committer.note_failure(unit_id, tracker.failed.pop(unit_id))
+        committer.collect(wait=False)
+    committer.collect(wait=True)
+    with contextlib.suppress(Exception):  # diagnostics only: never fail a finished run over them
+        write_stats(config.output, dataset.stats())
+
+    failed = committer.failed
+    for unit_id, (rows, total) in tracker.pending.items():
+        failed[unit_id] = f"only {rows} of {total or '?'} rows reached the writer"
+    for unit in units:
+        if unit.unit_id not in committer.markers and unit.unit_id not in failed:
+            failed[unit.unit_id] = "no rows reached the writer"
+    for unit_id in failed:
+        remove_staging(config.output, unit_id)
+    remove_staging(config.output, None)
+    if progress:
+        progress.finish()
+    return committer.markers, failed
+
+
+def _labeling_graph(units, read, features, model, spec, config, placement):
+    """The Ray Data graph:
+
+        WorkUnitSource   read tasks    fetch, decode, window, fbank (B, T, F) in the model's dtype
+        Classify         actor pool    batched AST (GPU or CPU) -> embedding, scores, top-k
+        stage parts      tasks         Parquet parts under .ast-label/staging/<unit>/
+
+    The driver then commits each unit once all of its rows are staged (see _label_units).
+    """
+    import ray
+
+    from pipeline.datasource import WorkUnitSource
+    from pipeline.stages import Classify
+
+    # Ray Data gathers a task's output into blocks of up to target_max_block_size (128 MiB):
+    # a whole read task's fbank would move as one late block. One model batch per block keeps
+    # the stream fine-grained and hands the classifier its batches as they are.
+    batch_bytes = features.batch_rows * features.fbank.max_length * features.fbank.num_mel_bins
+    batch_bytes *= np.dtype(FEATURE_DTYPES[features.dtype]).itemsize
+    ray.data.DataContext.get_current().target_max_block_size = batch_bytes + BLOCK_SLACK_BYTES
+    # With GPUs in the cluster the CPU stages use Ray's default scheduling, which keeps CPU-only
+    # work off GPU nodes while others fit (Ray Data would otherwise spread them over all nodes).
+    cpu_stage = {"scheduling_strategy": "DEFAULT"} if placement.use_gpu else {}
+    source = WorkUnitSource(units, read, features, placement.cpus)
+    dataset = ray.data.read_datasource(
+        source,
+        num_cpus=1,
+        # One output stream per read task: Ray would otherwise split the blocks (already the
+        # classifier's batch size) to reach its own guess of the parallelism.
+        override_num_blocks=source.read_task_count,
+        **cpu_stage,
+    )
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter in Ray 2.60; passing it as a remote arg warns.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        dataset = dataset.map_batches(
+            Classify,
+            fn_constructor_args=(
+                model,
+                # "auto" resolves in the actor: a node may advertise a GPU torch cannot use.
+                config.options.device if placement.use_gpu else "cpu",
+                config.options.precision,
+                config.options.top_k,
+                placement.cpu_threads,
+            ),
+            batch_size=features.batch_rows,
+            batch_format="numpy",
+            zero_copy_batch=True,
+            compute=ray.data.ActorPoolStrategy(size=placement.classifier_actors),
+            num_gpus=1 if placement.use_gpu else 0,
+            num_cpus=1,
+            # Ray Data restarts a dead actor forever by default, so a batch that kills its
+            # process would loop. On a cluster a few restarts ride out lost (spot) nodes; on one
+            # machine a dead actor is a crash that would recur: fail, and let the rerun resume.
+            # (Any restart also makes Ray log an error-level line at every actor start.)
+            max_restarts=CLUSTER_ACTOR_RESTARTS if config.address else 0,
+        )
+    return dataset.map_batches(
+        write_staging_parts,
+        fn_kwargs={"spec": spec},
+        batch_size=None,  # one part per model batch: no re-batching copies, units commit early
+        batch_format="numpy",
+        num_cpus=0.25,
+        **cpu_stage,
+    )
+
+
+def _placement(config: RunConfig) -> Placement:
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    device = config.options.device
+    # --device cuda on a cluster with no GPU node up yet asks the autoscaler for one.
+    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    # On CPU a model actor runs best with several threads: one actor per CPUS_PER_CPU_CLASSIFIER.
+    per_actor = defaults.CPUS_PER_CPU_CLASSIFIER
+    actors = config.classifier_actors or max(1, gpus if use_gpu else cpus // per_actor)
+    threads = None if use_gpu else max(1, min(per_actor, cpus // actors))
+    batch_size = config.options.batch_rows(use_gpu)
+    return Placement(use_gpu, cpus, gpus, actors, batch_size, threads)
 
 
 class _Committer:
-    """Runs commit_unit as small Ray tasks while the stream goes on, and reports each commit."""
+    """Runs commit_unit as small Ray tasks while the stream goes on; keeps every unit's outcome."""
 
     def __init__(
-        self, spec: OutputSpec, sources: dict[str, tuple[str, ...]], echo: Callable[[str], None]
+        self,
+        spec: OutputSpec,
+        sources: dict[str, tuple[str, ...]],
+        max_in_flight: int,
+        progress: Progress | None,
     ):
         import ray
 
         self.spec = spec
         self.sources = sources
-        self.echo = echo
+        self.max_in_flight = max_in_flight
+        self.progress = progress
         self.task = ray.remote(num_cpus=0.25)(commit_unit)
-        self.in_flight: list = []
-        self.done = 0
+        self.in_flight: dict = {}  # ObjectRef -> unit id
+        self.markers: dict[str, dict] = {}
+        self.failed: dict[str, str] = {}
 
     def submit(self, unit: CompletedUnit) -> None:
-        self.in_flight.append(
-            self.task.remote(
-                self.spec, unit.unit_id, self.sources[unit.unit_id], unit.part_uris, unit.rows
-            )
+        ref = self.task.remote(
+            self.spec, unit.unit_id, self.sources[unit.unit_id], unit.part_uris, unit.rows
         )
-        while len(self.in_flight) > MAX_COMMITS_IN_FLIGHT:
-            self._report(num_returns=1, timeout=None)
+        self.in_flight[ref] = unit.unit_id
+        while len(self.in_flight) >= self.max_in_flight:
+            self._collect(num_returns=1, timeout=None)
 
-    def report_finished(self) -> None:
+    def note_failure(self, unit_id: str, reason: str) -> None:
+        self.failed.setdefault(unit_id, reason)
+        if self.progress:
+            self.progress.unit_failed()
+
+    def collect(self, wait: bool) -> None:
         if self.in_flight:
-            self._report(num_returns=len(self.in_flight), timeout=0)
+            self._collect(len(self.in_flight), timeout=None if wait else 0)
+        if self.progress:
+            self.progress.tick()
 
-    def wait_all(self) -> None:
-        if self.in_flight:
-            self._report(num_returns=len(self.in_flight), timeout=None)
-
-    def _report(self, num_returns: int, timeout: float | None) -> None:
+    def _collect(self, num_returns: int, timeout: float | None) -> None:
         import ray
 
-        finished, self.in_flight = ray.wait(
-            self.in_flight, num_returns=num_returns, timeout=timeout
-        )
-        for marker in ray.get(finished):
-            self.done += 1
-            self.echo(
-                f"committed {self.done}/{len(self.sources)} {marker['unit_id']}: "
-                f"{marker['files']} files, "
-                f"{marker['windows']} windows, {marker['errors']} errors"
-            )
+        finished, _ = ray.wait(list(self.in_flight), num_returns=num_returns, timeout=timeout)
+        for ref in finished:
+            unit_id = self.in_flight.pop(ref)
+            try:
+                marker = ray.get(ref)
+            except ray.exceptions.RayTaskError as error:
+                cause = error.cause if error.cause is not None else error
+                self.note_failure(unit_id, f"commit failed: {error_reason(cause)}")
+                continue
+            self.markers[unit_id] = marker
+            if self.progress:
+                self.progress.unit_committed(marker)
 
 
-def _check_options(config: RunConfig) -> None:
+def _check_run_options(config: RunConfig) -> None:
     problems = []
     if not config.inputs and not config.manifest:
         problems.append("give at least one INPUT or --manifest")
-    if config.batch_size is not None and config.batch_size < 1:
-        problems.append("--batch-size must be at least 1")
-    if config.top_k < 1:
-        problems.append("--top-k must be at least 1")
-    for name, value in (("--window-s", config.window_s), ("--hop-s", config.hop_s)):
-        if value is not None and value <= 0:
-            problems.append(f"{name} must be positive")
-    for name, value in (
-        ("--feature-actors", config.feature_actors),
-        ("--classifier-actors", config.classifier_actors),
-    ):
-        if value is not None and value < 1:
-            problems.append(f"{name} must be at least 1")
-    if config.device not in ("auto", "cpu", "cuda"):
-        problems.append("--device must be auto, cpu or cuda")
-    elif config.device == "cuda" and not config.address and not torch.cuda.is_available():
-        # On a cluster (--address) the autoscaler may still bring GPU nodes up; here it cannot.
-        problems.append("--device cuda: this machine has no usable GPU; use --device cpu or auto")
-    if config.precision not in ("auto", "fp32", "bf16", "fp16"):
-        problems.append("--precision must be auto, fp32, bf16 or fp16")
-    if config.max_duration_s <= 0:
-        problems.append("--max-duration-s must be positive")
+    if config.classifier_actors is not None and config.classifier_actors < 1:
+        problems.append("--classifier-actors must be at least 1")
     if problems:
         raise UserError("; ".join(problems))
-
-
-def _fbank_config(loaded: LoadedModel, norm_stats: str | None) -> FbankConfig:
-    if norm_stats is None:
-        return FbankConfig.for_model(loaded.config)
-    from pipeline.norm_stats import NormStats
-
-    stats = NormStats.load(norm_stats)
-    return FbankConfig.for_model(loaded.config, mean=stats.mean, std=stats.std)
-
-
-def _window_settings(config: RunConfig, fbank_config: FbankConfig) -> tuple[float, float]:
-    model_input_s = fbank_config.max_length * fbank_config.frame_shift_ms / 1000.0
-    window_s = config.window_s or model_input_s
-    if window_s > model_input_s + 1e-9:
-        raise UserError(
-            f"--window-s {window_s:g} is longer than the model's input of {model_input_s:g} s "
-            f"({fbank_config.max_length} frames); audio past it would be dropped: "
-            f"use at most {model_input_s:g}"
-        )
-    return window_s, config.hop_s or window_s
+    # On a cluster (--address) the autoscaler may still bring GPU nodes up; here it cannot.
+    config.options.check(gpu_may_appear=bool(config.address))
 
 
 def _output_spec(
-    config: RunConfig,
+    output: str,
+    options: LabelingOptions,
     loaded: LoadedModel,
     fbank_config: FbankConfig,
-    window_s: float,
-    hop_s: float,
+    read: ReadSettings,
 ) -> OutputSpec:
     settings = {
         "features": asdict(fbank_config),
-        "window_s": window_s,
-        "hop_s": hop_s,
-        "top_k": config.top_k,
+        "window_s": read.window_s,
+        "hop_s": read.hop_s,
+        "top_k": options.top_k,
     }
     return OutputSpec(
-        output_uri=config.output,
+        output_uri=output,
         run_id=uuid.uuid4().hex[:12],
         hidden_size=loaded.config.hidden_size,
         num_labels=loaded.config.num_labels,
@@ -331,7 +409,7 @@ def _summarise(
     summary = RunSummary(output=output, wall_s=round(wall_s, 3))
     summary.shards = len(planned)
     summary.units_skipped = len(units) - len(todo)
-    summary.units_labeled = len(todo)
+    summary.units_labeled = sum(1 for marker in planned if marker["unit_id"] in labeled_now)
     files_now = 0
     seconds_now = 0.0
     for marker in planned:
@@ -360,6 +438,18 @@ def format_summary(summary: RunSummary) -> str:
         f"{summary.clips_per_s:.1f} clips/s, {summary.audio_hours_per_s * 3600:.1f} audio-s/s",
         f"output {summary.output}",
     ]
+    if summary.inputs_skipped:
+        skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary.inputs_skipped.items()))
+        lines.append(f"skipped (not inputs): {skipped}")
     for reason, count in sorted(summary.error_reasons.items(), key=lambda item: -item[1])[:5]:
         lines.append(f"  error x{count}: {reason}")
+    if summary.units_failed:
+        lines.append(
+            f"NOT COMMITTED: {len(summary.units_failed)} units (storage faults, not the data's); "
+            "run the same command again to label them:"
+        )
+        for unit_id, reason in sorted(summary.units_failed.items())[:MAX_FAILURES_SHOWN]:
+            lines.append(f"  {unit_id}: {reason}")
+        if len(summary.units_failed) > MAX_FAILURES_SHOWN:
+            lines.append(f"  ... and {len(summary.units_failed) - MAX_FAILURES_SHOWN} more")
     return "\n".join(lines)

@@ -28,10 +28,21 @@ from typing import IO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.defaults import FILES_PER_UNIT
 from pipeline.errors import UserError
-from pipeline.storage import error_reason, filesystem_for, is_local, join_uri, uri_for
+from pipeline.formats import AUDIO_EXTENSIONS, audio_format_of
+from pipeline.output import META_DIR
+from pipeline.storage import (
+    RetryingReader,
+    StorageError,
+    error_reason,
+    filesystem_for,
+    is_local,
+    join_uri,
+    uri_for,
+    with_retries,
+)
 
-AUDIO_EXTENSIONS = ("wav", "flac", "mp3", "ogg")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # tarfile's "r|*" reads gzip shards transparently
 METADATA_EXTENSION = "json"
 _AUDIO_SUFFIXES = " ".join(f".{extension}" for extension in AUDIO_EXTENSIONS)
@@ -100,14 +111,27 @@ class Member:
 # Planning
 
 
+@dataclass(frozen=True)
+class Plan:
+    units: list[WorkUnit]
+    # Files that folders and globs listed but that are not inputs, by reason: hidden names, and
+    # the files of ast-label outputs (this run's and earlier ones') lying inside an input folder.
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
 def plan_work_units(
-    inputs: Sequence[str], manifest: str | None = None, files_per_unit: int = 256
-) -> list[WorkUnit]:
+    inputs: Sequence[str],
+    manifest: str | None = None,
+    files_per_unit: int = FILES_PER_UNIT,
+    exclude: Sequence[str] = (),
+) -> Plan:
     """Expands inputs (paths, folders, globs, brace ranges, URLs, a manifest) into work units.
 
-    Each .tar shard is one unit; plain audio files are sorted by URI and grouped `files_per_unit`
-    at a time. Tar units come first, in URI order. Raises InputError for a missing input, a glob
-    or folder with nothing to label, or an unreadable manifest.
+    Each .tar shard is one unit; every other file is sorted by URI and grouped `files_per_unit`
+    at a time, whatever its extension: a file that is not audio becomes an error row saying so,
+    never a silent gap. Tar units come first, in URI order. `exclude` names folders whose files
+    are never inputs (the run's own output). Raises InputError for a missing input, a glob or
+    folder with nothing in it, or an unreadable manifest.
     """
     if files_per_unit < 1:
         raise ValueError(f"files_per_unit must be >= 1, got {files_per_unit}")
@@ -123,9 +147,11 @@ def plan_work_units(
             "no inputs given: pass .tar shards, audio files, folders, globs or --manifest FILE"
         )
 
-    uris = _expand_specs(specs)
+    skipped: Counter[str] = Counter()
+    excluded = tuple(filesystem_for(folder)[1].rstrip("/") for folder in exclude)
+    uris = _expand_specs(specs, _Listing(excluded, skipped))
     tars = sorted(uri for uri in uris if input_kind(uri) == "tar")
-    files = sorted(uri for uri in uris if input_kind(uri) == "audio")
+    files = sorted(uri for uri in uris if input_kind(uri) == "file")
 
     units = [WorkUnit(tar_unit_id(uri), "tar", (uri,)) for uri in tars]
     for index, start in enumerate(range(0, len(files), files_per_unit)):
@@ -138,26 +164,13 @@ def plan_work_units(
     clashes = [unit_id for unit_id, count in ids.items() if count > 1]
     if clashes:
         raise RuntimeError(f"work unit ids clash: {clashes[:3]}")
-    return units
+    return Plan(units, dict(skipped))
 
 
-def input_kind(uri: str) -> str | None:
-    """The input's kind: "tar" (a shard), "audio" (a plain audio file) or None."""
-    name = uri.lower()
-    if name.endswith(TAR_SUFFIXES):
-        return "tar"
-    if audio_format_of(name) is not None:
-        return "audio"
-    return None
-
-
-def audio_format_of(name: str) -> str | None:
-    """The audio format named by a file name's last extension ("x.seg.WAV" -> "wav"), else None."""
-    base = name.rsplit("/", 1)[-1]
-    if "." not in base:
-        return None
-    extension = base.rsplit(".", 1)[1].lower()
-    return extension if extension in AUDIO_EXTENSIONS else None
+def input_kind(uri: str) -> str:
+    """The input's kind: "tar" (a WebDataset shard) or "file" (one audio file, or a file that
+    will be reported as not audio)."""
+    return "tar" if uri.lower().endswith(TAR_SUFFIXES) else "file"
 
 
 def tar_unit_id(uri: str) -> str:
@@ -256,7 +269,31 @@ def _brace_alternatives(body: str, pattern: str) -> list[str] | None:
     return None
 
 
-def _expand_specs(specs: Sequence[tuple[str, str]]) -> set[str]:
+@dataclass(frozen=True)
+class _Listing:
+    """What folder and glob listings leave out, and the count of what they left out."""
+
+    excluded: tuple[str, ...]  # folder paths (in their filesystem) whose files are not inputs
+    skipped: Counter[str]
+
+    def inputs(self, root: str, paths: Iterable[str]) -> list[str]:
+        """The paths (files under `root`) that are inputs; the others are counted as skipped."""
+        paths = list(paths)
+        # Every ast-label output keeps a hidden .ast-label folder beside its Parquet files.
+        outputs = {path.split(f"/{META_DIR}/", 1)[0] for path in paths if f"/{META_DIR}/" in path}
+        outputs.update(self.excluded)
+        found = []
+        for path in paths:
+            if any(path == out or path.startswith(f"{out}/") for out in outputs):
+                self.skipped["files of ast-label outputs"] += 1
+            elif _is_hidden_below(root, path):
+                self.skipped["hidden files and folders"] += 1
+            else:
+                found.append(path)
+        return found
+
+
+def _expand_specs(specs: Sequence[tuple[str, str]], listing: _Listing) -> set[str]:
     """All input file URIs named by the specs (each with a note on where it came from)."""
     uris: set[str] = set()
     named: list[tuple[fsspec.AbstractFileSystem, str, str, str]] = []
@@ -267,13 +304,13 @@ def _expand_specs(specs: Sequence[tuple[str, str]]) -> set[str]:
         for pattern in expand_braces(spec):
             fs, path = filesystem_for(pattern)
             if _is_glob(pattern):
-                uris.update(_expand_glob(fs, path, pattern, where))
+                uris.update(_expand_glob(fs, path, pattern, where, listing))
             else:
                 named.append((fs, path, pattern, where))
     listings = _shared_folder_listings([(fs, path) for fs, path, _, _ in named])
     for fs, path, pattern, where in named:
         info = listings.get((fs, posixpath.dirname(path)), {}).get(path)
-        uris.update(_expand_named(fs, path, pattern, where, info))
+        uris.update(_expand_named(fs, path, pattern, where, listing, info))
     return uris
 
 
@@ -297,7 +334,12 @@ def _shared_folder_listings(
 
 
 def _expand_named(
-    fs: fsspec.AbstractFileSystem, path: str, pattern: str, where: str, info: dict | None = None
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    pattern: str,
+    where: str,
+    listing: _Listing,
+    info: dict | None = None,
 ) -> list[str]:
     try:
         info = info or fs.info(path)
@@ -308,20 +350,16 @@ def _expand_named(
     except Exception as exc:
         raise InputError(f"cannot read input {pattern}{where}: {error_reason(exc)}") from None
     if info.get("type") == "directory":
-        found = _list_folder(fs, path)
+        found = _list_folder(fs, path, listing)
         if not found:
-            raise InputError(
-                f"no .tar shards or audio files ({_accepted()}) under {pattern}{where}"
-            )
+            raise InputError(f"no files to label under {pattern}{where}{_skip_note(listing)}")
         return found
-    if input_kind(path) is None:
-        raise InputError(
-            f"not a .tar shard or audio file: {pattern}{where}: accepted are {_accepted()}"
-        )
-    return [uri_for(fs, path)]
+    return [uri_for(fs, path)]  # named explicitly: an input whatever its name
 
 
-def _expand_glob(fs: fsspec.AbstractFileSystem, path: str, pattern: str, where: str) -> list[str]:
+def _expand_glob(
+    fs: fsspec.AbstractFileSystem, path: str, pattern: str, where: str, listing: _Listing
+) -> list[str]:
     try:
         matches = fs.glob(path, detail=True)
     except ValueError as exc:  # e.g. "**" not a whole path component
@@ -330,41 +368,42 @@ def _expand_glob(fs: fsspec.AbstractFileSystem, path: str, pattern: str, where: 
         raise InputError(f"cannot list {pattern}{where}: {error_reason(exc)}") from None
     # Hidden names are skipped below the pattern's literal folder, as in a folder listing.
     literal_root = posixpath.dirname(re.split(r"[*?]", path, maxsplit=1)[0])
+    files: list[str] = []
     found: list[str] = []
     for match, info in sorted(matches.items()):
-        if _is_hidden_below(literal_root, match):
-            continue
-        if info.get("type") == "directory":
+        if info.get("type") != "directory":
+            files.append(match)
+        elif "**" not in path and not _is_hidden_below(literal_root, match):
             # "data/*" matching sub-folders means their contents; "**" has already listed them.
-            if "**" not in path:
-                found += _list_folder(fs, match)
-        elif input_kind(match) is not None:
-            found.append(uri_for(fs, match))
+            found += _list_folder(fs, match, listing)
+    found += [uri_for(fs, match) for match in listing.inputs(literal_root, files)]
     if not found:
         raise InputError(
-            f"no .tar shards or audio files ({_accepted()}) match {pattern}{where}: "
-            "check the pattern"
+            f"no files to label match {pattern}{where}{_skip_note(listing)}: check the pattern"
         )
     return found
 
 
-def _list_folder(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
-    """Input files anywhere under a folder; hidden files and folders (".x") are not inputs."""
-    found = []
-    for path, info in sorted(fs.find(folder, detail=True).items()):
-        if info.get("type") == "file" and input_kind(path) and not _is_hidden_below(folder, path):
-            found.append(uri_for(fs, path))
-    return found
+def _list_folder(fs: fsspec.AbstractFileSystem, folder: str, listing: _Listing) -> list[str]:
+    """Input files anywhere under a folder: all but hidden ones (".x") and ast-label outputs."""
+    files = [
+        path
+        for path, info in sorted(fs.find(folder, detail=True).items())
+        if info.get("type") == "file"
+    ]
+    return [uri_for(fs, path) for path in listing.inputs(folder, files)]
+
+
+def _skip_note(listing: _Listing) -> str:
+    if not listing.skipped:
+        return ""
+    return " (skipped: " + ", ".join(f"{n} {why}" for why, n in listing.skipped.items()) + ")"
 
 
 def _is_hidden_below(folder: str, path: str) -> bool:
     """Whether a file or folder between `folder` and `path` is hidden (".cache", "._x.wav")."""
     relative = path[len(folder) :].strip("/")
     return any(part.startswith(".") for part in relative.split("/"))
-
-
-def _accepted() -> str:
-    return f".tar {_AUDIO_SUFFIXES}"
 
 
 def _csv_manifest_entries(text: str, manifest: str) -> list[str]:
@@ -378,7 +417,7 @@ def _csv_manifest_entries(text: str, manifest: str) -> list[str]:
     elif len(header) == 1:
         # A single column may come without a header: keep the first row when it names an input.
         first = rows[0][0].strip()
-        body = rows if ("/" in first or input_kind(first) is not None) else rows[1:]
+        body = rows if ("/" in first or "." in first.rsplit("/", 1)[-1]) else rows[1:]
         column = 0
     else:
         raise InputError(
@@ -432,8 +471,8 @@ def _resolve_relative(entry: str, base: str) -> str:
 
 def read_unit_members(unit: WorkUnit, max_member_bytes: int) -> Iterator[Member]:
     """Streams a unit's samples: exactly one Member per sample, file, unsafe tar member or
-    unreadable shard. Never raises for bad data; tar shards are never extracted to disk nor read
-    into memory whole."""
+    unreadable shard. Never raises for bad data; raises StorageError when the store fails after
+    the retries. Tar shards are never extracted to disk nor read into memory whole."""
     if unit.kind == "tar":
         yield from _read_tar(unit.sources[0], max_member_bytes)
     elif unit.kind == "files":
@@ -541,16 +580,10 @@ class _Sample:
 
 
 def _read_tar(shard_uri: str, max_member_bytes: int) -> Iterator[Member]:
-    try:
-        fs, path = filesystem_for(shard_uri)
-        stream = fs.open(path, "rb", block_size=_STREAM_BLOCK_BYTES)
-    except FileNotFoundError:
-        yield Member(key="", error="cannot open shard: not found")
-        return
-    except Exception as exc:  # permissions, unreachable store after s3fs's retries, ...
-        yield Member(key="", error=f"cannot open shard: {error_reason(exc)}")
-        return
-    with stream:
+    """Raises StorageError when the store fails (the shard listed at planning time included):
+    that is never the shard's fault, so it must not become an error row."""
+    fs, path = filesystem_for(shard_uri)
+    with RetryingReader(fs, path, _STREAM_BLOCK_BYTES) as stream:
         yield from _read_tar_stream(stream, max_member_bytes)
 
 
@@ -559,6 +592,8 @@ def _read_tar_stream(stream: IO[bytes], max_member_bytes: int) -> Iterator[Membe
         # "r|*": a forward-only stream (no seeks, no index), gzip detected from the first bytes.
         # Closed by the `with tar` below; only opening is guarded here.
         tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)  # noqa: SIM115
+    except StorageError:
+        raise
     except Exception as exc:
         yield Member(key="", error=f"shard unreadable: {error_reason(exc)}")
         return
@@ -576,6 +611,8 @@ def _read_samples(tar: tarfile.TarFile, max_member_bytes: int) -> Iterator[Membe
     while True:
         try:
             info = next(entries, None)
+        except StorageError:
+            raise
         except Exception as exc:
             failure = error_reason(exc)
             break
@@ -597,6 +634,8 @@ def _read_samples(tar: tarfile.TarFile, max_member_bytes: int) -> Iterator[Membe
             sample = _Sample(key)
         try:
             sample.add(tar, info, extension, max_member_bytes)
+        except StorageError:
+            raise
         except Exception as exc:  # the stream broke inside this member's data
             failure = error_reason(exc)
             sample.problems.append(f"member {_printable(info.name)} is cut short")
@@ -639,26 +678,28 @@ def _read_files(uris: Sequence[str], max_member_bytes: int) -> Iterator[Member]:
             pool.submit(_read_file, uri, max_member_bytes)
             for uri in itertools.islice(pending_uris, _FILE_PREFETCH)
         )
-        while in_flight:
-            member = in_flight.popleft().result()
-            following = next(pending_uris, None)
-            if following is not None:
-                in_flight.append(pool.submit(_read_file, following, max_member_bytes))
-            yield member
+        try:
+            while in_flight:
+                member = in_flight.popleft().result()
+                following = next(pending_uris, None)
+                if following is not None:
+                    in_flight.append(pool.submit(_read_file, following, max_member_bytes))
+                yield member
+        finally:  # a StorageError (or a consumer that stops) ends the unit: fetch no more
+            for future in in_flight:
+                future.cancel()
 
 
 def _read_file(uri: str, max_member_bytes: int) -> Member:
-    try:
-        fs, path = filesystem_for(uri)
-        size = fs.size(path)
-        if size is not None and size > max_member_bytes:
-            return Member(key=uri, error=_too_big("file", size, max_member_bytes))
-        # Ranged read: a file that grew since it was sized still cannot exceed the limit.
-        data = fs.cat_file(path, start=0, end=max_member_bytes + 1)
-    except FileNotFoundError:
-        return Member(key=uri, error="cannot read file: not found")
-    except Exception as exc:
-        return Member(key=uri, error=f"cannot read file: {error_reason(exc)}")
+    """Raises StorageError when the store fails, a missing file included (see _read_tar)."""
+    fs, path = filesystem_for(uri)
+    size = with_retries(lambda: fs.size(path), f"cannot read {uri}")
+    if size is not None and size > max_member_bytes:
+        return Member(key=uri, error=_too_big("file", size, max_member_bytes))
+    # Ranged read: a file that grew since it was sized still cannot exceed the limit.
+    data = with_retries(
+        lambda: fs.cat_file(path, start=0, end=max_member_bytes + 1), f"cannot read {uri}"
+    )
     if len(data) > max_member_bytes:
         return Member(key=uri, error=_too_big("file", len(data), max_member_bytes))
     return Member(key=uri, audio=data, audio_format=audio_format_of(uri))

@@ -1,28 +1,39 @@
-"""The Ray Data stages of a labeling run: each takes and returns a batch `dict[str, np.ndarray]`.
+"""The stages of a labeling run: plain callables on batches (`dict[str, np.ndarray]`, see
+pipeline.rows), free of Ray: run.py places them on Ray (pipeline.datasource feeds the read
+stage), predict.py runs them in this process.
 
-Heavy state (the model, the mel filterbank) is built once per actor in `__init__`, never per batch.
-Per-clip failures never raise: they travel as rows whose `error` column holds the reason, and the
-later stages pass such rows through untouched.
+- `WindowFeatures`: work units -> window rows with their fbank. Fetch, decode, resample, window and
+  fbank happen in one process, so a waveform never crosses a process boundary; what leaves is a
+  fixed-shape (B, T, F) tensor in the classifier's input dtype, B = the classifier's batch size.
+- `Classify`: fbank -> pooled embedding, label scores and top-k, one model per actor.
+
+Heavy state (the model, resamplers, the mel filterbank, filesystems) is built once per process,
+never per batch. Per-clip failures never raise: they travel as rows whose `error` column holds the
+reason, and the later stages pass such rows through untouched. A storage fault ends its unit with
+a `unit_failure` row instead (the unit is not committed; a rerun reads it again).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import ray
 import torch
 
 from ast_model.checkpoint import LoadedModel
 from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
 from ast_model.labels import scores_from_logits
+from pipeline import rows as R
 from pipeline.audio import AudioError, cut_windows, decode_audio
-from pipeline.sources import WorkUnit, read_unit_members
+from pipeline.sources import Member, WorkUnit, read_unit_members
+from pipeline.storage import StorageError, error_reason
 
-# Rows a read task buffers before yielding a block: 32 windows of 10.24 s are 21 MB of float32.
-READ_BLOCK_ROWS = 32
+# --precision -> the autocast dtype (None: plain fp32).
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -33,132 +44,140 @@ class ReadSettings:
     max_member_bytes: int
 
 
-def _shard_name(unit: WorkUnit) -> str:
-    # A tar shard is named by its URI; a group of plain files by its work-unit id.
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How a read task turns windows into the classifier's input."""
+
+    fbank: FbankConfig
+    dtype: str = "float32"  # a key of rows.FEATURE_DTYPES: the classifier's input dtype
+    batch_rows: int = 16  # rows per batch: the classifier's batch size
+
+
+def shard_name(unit: WorkUnit) -> str:
+    """The `shard` column: a tar shard is named by its URI; a group of plain files by its id."""
     return unit.sources[0] if unit.kind == "tar" else unit.unit_id
 
 
-def _row(unit: WorkUnit, key: str, **values) -> dict:
-    row = dict(
-        unit_id=unit.unit_id,
-        shard=_shard_name(unit),
-        key=key,
-        window=0,
-        start_s=0.0,
-        end_s=0.0,
-        duration_s=0.0,
-        sample_rate=0,
-        metadata=None,
-        error=None,
-        waveform=np.zeros(0, dtype=np.float32),
-        unit_rows=0,
-    )
-    row.update(values)
+class WindowFeatures:
+    """Work units -> batches of window rows with their fbank (one read task's work).
+
+    Batches hold `batch_rows` rows (the last one fewer) and may mix units: a unit's rows can span
+    batches, and its last row, held back until the unit is finished, carries the unit's row count
+    (rows.UNIT_ROWS). Every unit yields at least one row.
+    """
+
+    def __init__(self, read: ReadSettings, features: FeatureSettings):
+        self.read = read
+        self.features = features
+        self.numpy_dtype = R.FEATURE_DTYPES[features.dtype]
+
+    def batches(self, units: Iterable[WorkUnit]) -> Iterator[dict[str, np.ndarray]]:
+        size = self.features.batch_rows
+        pending: list[tuple[dict, np.ndarray | None]] = []  # (row, window waveform or None)
+        for unit in units:
+            total = 0
+            for item in self.unit_rows(unit):
+                pending.append(item)
+                total += 1
+                if len(pending) > size:  # keep >= 1 row back: the unit's last row is not known yet
+                    yield self.to_batch(pending[:size])
+                    del pending[:size]
+            pending[-1][0][R.UNIT_ROWS] = total
+        for start in range(0, len(pending), size):
+            yield self.to_batch(pending[start : start + size])
+
+    def unit_rows(self, unit: WorkUnit) -> Iterator[tuple[dict, np.ndarray | None]]:
+        """One unit's rows: each file's windows or error row; a unit-failure row last if its
+        storage failed. Never raises."""
+        shard = shard_name(unit)
+        members = read_unit_members(unit, self.read.max_member_bytes)
+        try:
+            for member in members:
+                yield from self.member_rows(unit.unit_id, shard, member)
+        except StorageError as error:
+            yield _failure_row(unit.unit_id, shard, str(error)), None
+        except Exception as error:  # a bug must not take the other units of the run down with it
+            yield _failure_row(unit.unit_id, shard, f"internal error: {error_reason(error)}"), None
+
+    def member_rows(
+        self, unit_id: str, shard: str, member: Member
+    ) -> Iterator[tuple[dict, np.ndarray | None]]:
+        """One file -> its windows' rows and waveforms, or one error row with the reason."""
+        row = R.empty_row(unit_id, shard, member.key)
+        row[R.METADATA] = member.metadata or ""
+        if member.error is not None:
+            row[R.ERROR] = member.error
+            yield row, None
+            return
+        try:
+            decoded = decode_audio(member.audio, member.audio_format, self.read.max_duration_s)
+        except AudioError as error:
+            row[R.ERROR] = str(error)
+            yield row, None
+            return
+        row[R.DURATION_S] = decoded.duration_s
+        row[R.SAMPLE_RATE] = decoded.source_sample_rate
+        for window in cut_windows(decoded.waveform, self.read.window_s, self.read.hop_s):
+            window_row = dict(row)
+            window_row[R.WINDOW_INDEX] = window.index
+            window_row[R.START_S] = window.start_s
+            window_row[R.END_S] = min(window.end_s, decoded.duration_s)
+            yield window_row, window.waveform
+
+    def to_batch(self, items: Sequence[tuple[dict, np.ndarray | None]]) -> dict[str, np.ndarray]:
+        batch = R.rows_to_columns([row for row, _ in items])
+        config = self.features.fbank
+        labeled = [i for i, (_, waveform) in enumerate(items) if waveform is not None]
+        if len(labeled) == len(items):
+            batch[R.FBANK] = self._fbank([waveform for _, waveform in items])
+        else:
+            # Rows without audio get an all-zero fbank that the classifier never looks at.
+            fbank = np.zeros((len(items), config.max_length, config.num_mel_bins), self.numpy_dtype)
+            if labeled:
+                fbank[labeled] = self._fbank([items[i][1] for i in labeled])
+            batch[R.FBANK] = fbank
+        return batch
+
+    def _fbank(self, waveforms: list[np.ndarray]) -> np.ndarray:
+        padded, lengths = pad_waveforms(waveforms)  # (B, N), (B,)
+        with torch.inference_mode():
+            fbank = compute_fbank(padded, lengths, self.features.fbank)  # (B, T, F) float32
+        return fbank_to_numpy(fbank, self.features.dtype)
+
+
+def _failure_row(unit_id: str, shard: str, reason: str) -> dict:
+    row = R.empty_row(unit_id, shard, "")
+    row[R.UNIT_FAILURE] = reason
     return row
 
 
-def _rows_for_member(unit: WorkUnit, member, settings: ReadSettings) -> list[dict]:
-    """One audio file -> its window rows, or a single error row with the reason."""
-    if member.error is not None:
-        return [_row(unit, member.key, metadata=member.metadata, error=member.error)]
-    try:
-        decoded = decode_audio(member.audio, member.audio_format, settings.max_duration_s)
-    except AudioError as error:
-        return [_row(unit, member.key, metadata=member.metadata, error=str(error))]
-    common = dict(
-        duration_s=decoded.duration_s,
-        sample_rate=decoded.source_sample_rate,
-        metadata=member.metadata,
-    )
-    return [
-        _row(
-            unit,
-            member.key,
-            window=window.index,
-            start_s=window.start_s,
-            end_s=window.end_s,
-            waveform=window.waveform,
-            **common,
-        )
-        for window in cut_windows(decoded.waveform, settings.window_s, settings.hop_s)
-    ]
+def fbank_to_numpy(fbank: torch.Tensor, dtype: str) -> np.ndarray:
+    """float32 fbank -> the numpy form of the classifier's input dtype (bf16 as raw uint16 bits)."""
+    if dtype == "float32":
+        return fbank.numpy()
+    if dtype == "float16":
+        return fbank.half().numpy()
+    return fbank.bfloat16().view(torch.int16).numpy().view(np.uint16)
 
 
-def _to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    batch = {}
-    for column in rows[0]:
-        values = [row[column] for row in rows]
-        if column == "waveform":
-            # Ragged float32 arrays; Ray stores them as a variable-shaped tensor column.
-            holder = np.empty(len(values), dtype=object)
-            holder[:] = values
-            batch[column] = holder
-        elif column in ("metadata", "error"):
-            # "" stands for null between stages: a block whose values were all None would get
-            # Arrow's null type, come back as float NaN, and then fail to merge with a block of
-            # strings. The writer turns "" back into null.
-            batch[column] = np.array(
-                ["" if value is None else value for value in values], dtype=object
-            )
-        else:
-            batch[column] = np.array(values)
-    batch["window"] = batch["window"].astype(np.int32)
-    batch["sample_rate"] = batch["sample_rate"].astype(np.int32)
-    batch["unit_rows"] = batch["unit_rows"].astype(np.int32)
-    return batch
+def fbank_to_torch(fbank: np.ndarray) -> torch.Tensor:
+    """The inverse of fbank_to_numpy, without a copy: (B, T, F) float32, float16 or bfloat16."""
+    with warnings.catch_warnings():
+        # Batches from Ray's object store are read-only; the model only reads its input.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        if fbank.dtype == np.uint16:
+            return torch.from_numpy(fbank.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(fbank)
 
 
-def read_units(
-    batch: dict[str, np.ndarray], settings: ReadSettings
-) -> Iterator[dict[str, np.ndarray]]:
-    """Work units -> window rows, streamed in blocks of about READ_BLOCK_ROWS rows.
+def feature_dtype(precision: str, use_gpu: bool) -> str:
+    """The fbank dtype read tasks send: the autocast dtype when the classifier computes in one.
 
-    The unit's total row count is known only once its last member is decoded, so the last row is
-    held back and carries it in `unit_rows` (0 on every other row); the commit step uses it to
-    know when all of a unit's rows have reached the writer.
+    Under autocast the patch embedding casts its input to that dtype first thing, so sending it
+    already cast changes no number and halves what crosses the object store.
     """
-    for text in batch["unit"]:
-        unit = WorkUnit.from_json(str(text))
-        pending: list[dict] = []
-        total = 0
-        for member in read_unit_members(unit, settings.max_member_bytes):
-            rows = _rows_for_member(unit, member, settings)
-            total += len(rows)
-            pending.extend(rows)
-            if len(pending) > READ_BLOCK_ROWS:
-                yield _to_batch(pending[:-1])
-                pending = pending[-1:]
-        if not pending:  # read_unit_members yields at least one member; keep the invariant anyway
-            pending = [_row(unit, "", error="shard yielded no members")]
-            total = 1
-        pending[-1]["unit_rows"] = total
-        yield _to_batch(pending)
-
-
-class Featurize:
-    """CPU actor: window waveforms -> normalised Kaldi fbank, (B, max_length, mel bins) float32."""
-
-    def __init__(self, fbank_config: FbankConfig):
-        self.fbank_config = fbank_config
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        waveforms = batch.pop("waveform")
-        ok = _ok_rows(batch)
-        count = len(ok)
-        features = np.zeros(
-            (count, self.fbank_config.max_length, self.fbank_config.num_mel_bins), dtype=np.float32
-        )
-        index = np.flatnonzero(ok)
-        if len(index):
-            padded, lengths = pad_waveforms([waveforms[i] for i in index])  # (B, N), (B,)
-            with torch.inference_mode():
-                features[index] = compute_fbank(padded, lengths, self.fbank_config).numpy()
-        batch["features"] = features
-        return batch
-
-
-def _ok_rows(batch: dict[str, np.ndarray]) -> np.ndarray:
-    return np.array([not error for error in batch["error"]], dtype=bool)  # "" means no error
+    autocast = resolve_precision(precision, torch.device("cuda" if use_gpu else "cpu"))
+    return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[autocast]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -171,24 +190,40 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype, or None for plain fp32."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return _AUTOCAST[precision]
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A LoadedModel that the driver put in Ray's object store once: every actor fetches it from
+    there instead of re-reading the checkpoint (a hub id or s3:// URI) itself.
+
+    Wrapped rather than passed as a bare ObjectRef: Ray counts a bare ref as an actor argument
+    "in the object store" and logs an error-level line at every actor start (a restart could not
+    recreate a lost argument). The driver holds the reference for the whole run, so it is not lost.
+    """
+
+    ref: Any  # ray.ObjectRef
+
+    def load(self) -> LoadedModel:
+        import ray
+
+        return ray.get(self.ref)
 
 
 class Classify:
-    """Actor holding one model: fbank -> pooled embedding, label scores, top-k indices."""
+    """One model per instance: fbank -> pooled embedding, label scores, top-k label ids."""
 
     def __init__(
         self,
-        loaded: LoadedModel | ray.ObjectRef,
+        loaded: LoadedModel | StoredModel,
         device: str,
         precision: str,
         top_k: int,
         cpu_threads: int | None = None,
     ):
-        if isinstance(loaded, ray.ObjectRef):
-            # The driver puts the loaded model in the object store once; every actor fetches it
-            # from there instead of re-reading the checkpoint (a hub id or s3:// URI) itself.
-            loaded = ray.get(loaded)
+        if isinstance(loaded, StoredModel):
+            loaded = loaded.load()
         self.device = resolve_device(device)
         if self.device.type == "cpu" and cpu_threads:
             # Ray pins OMP_NUM_THREADS to the actor's CPU request (1); on a CPU-only machine the
@@ -202,28 +237,39 @@ class Classify:
         self.top_k = min(top_k, self.num_labels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features = batch.pop("features")  # (B, T, F)
-        ok = _ok_rows(batch)
-        count = len(ok)
-        embedding = np.zeros((count, self.hidden_size), dtype=np.float32)
-        scores = np.zeros((count, self.num_labels), dtype=np.float32)
-        index = np.flatnonzero(ok)
-        if len(index):
-            embedding[index], scores[index] = self._forward(features[index])
-        top_index = np.argsort(-scores, axis=1, kind="stable")[:, : self.top_k]  # (B, k)
-        batch["embedding"] = embedding
-        batch["scores"] = scores
-        batch["top_index"] = top_index.astype(np.int32)
+        fbank = batch.pop(R.FBANK)  # (B, T, F)
+        labeled = R.labeled_rows(batch)
+        count = len(labeled)
+        if labeled.all():
+            embedding, scores = self._forward(fbank_to_torch(fbank))
+        else:
+            embedding = np.zeros((count, self.hidden_size), dtype=np.float32)
+            scores = np.zeros((count, self.num_labels), dtype=np.float32)
+            index = np.flatnonzero(labeled)
+            if len(index):
+                embedding[index], scores[index] = self._forward(fbank_to_torch(fbank)[index])
+        batch[R.EMBEDDING] = embedding
+        batch[R.SCORES] = scores
+        batch[R.TOP_INDEX] = top_label_ids(scores, self.top_k)
         return batch
 
     @torch.inference_mode()
-    def _forward(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        inputs = torch.from_numpy(np.ascontiguousarray(features)).to(self.device)
+    def _forward(self, fbank: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, T, F) -> (B, D) embedding and (B, C) scores, float32 numpy."""
+        compute_dtype = self.autocast_dtype or torch.float32
+        # Features may arrive in a narrower dtype than the model computes in (an actor that fell
+        # back to the CPU); the patch embedding needs them in its own.
+        inputs = fbank.to(self.device, non_blocking=True)
+        if self.autocast_dtype is None:
+            inputs = inputs.float()
         with torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
+            self.device.type, dtype=compute_dtype, enabled=self.autocast_dtype is not None
         ):
             output = self.model(inputs)
         scores = scores_from_logits(output.logits.float(), self.multi_label)
         return output.embedding.float().cpu().numpy(), scores.cpu().numpy()
+
+
+def top_label_ids(scores: np.ndarray, k: int) -> np.ndarray:
+    """(B, C) scores -> (B, k) int32 label ids, best first; ties go to the lower id."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int32)

@@ -1,22 +1,39 @@
-"""The single place that turns a URI into an fsspec filesystem.
+"""Object storage: the one place that turns a URI into an fsspec filesystem, and retries.
 
-Every read and write of the pipeline (shards, manifests, checkpoints, output) goes through
-`filesystem_for`, so retries, endpoints and credentials are configured once. Credentials are never
-passed here: botocore finds them itself (AWS_* variables, ~/.aws files, instance profiles), which
-keeps them out of arguments, Ray runtime envs and error messages.
+Every read and write of the pipeline's inputs and output (shards, files, manifests, Parquet,
+commit markers) goes through `filesystem_for`, so endpoints and credentials are configured once.
+Credentials are never passed here: botocore finds them itself (AWS_* variables, ~/.aws files,
+instance profiles), which keeps them out of arguments, Ray runtime envs and error messages.
+(Checkpoints are read by ast_model.checkpoint, which uses fsspec directly: ast_model stays free of
+the pipeline.)
+
+Faults of the store are never the data's: after the retries they surface as `StorageError`, which
+the stages turn into a unit that does not commit (a rerun reads it again), never an error row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-# S3 throttles (SlowDown) under many concurrent readers; botocore's adaptive mode backs off and
-# rate-limits the client, on top of s3fs's own retry loop for connection errors.
-S3_CONFIG_KWARGS = {"retries": {"max_attempts": 10, "mode": "adaptive"}}
+T = TypeVar("T")
+
+# botocore's own retries of one request (standard mode: exponential backoff with jitter, SlowDown
+# and 5xx included), below our RetryPolicy. Kept short: botocore's adaptive mode with 10 attempts
+# took 5 minutes and more per call in a 503 storm (s3fs loops over SlowDown on top), and its retry
+# quota stops all retries of a client after 100 failures; RetryPolicy's pauses ride out longer
+# outages instead. AST_LABEL_S3_ATTEMPTS overrides the count (tests make storms short).
+S3_CLIENT_ATTEMPTS = 5
+
 
 _S3_PROTOCOLS = ("s3", "s3a")
 
@@ -50,6 +67,7 @@ def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
             os.environ.get("AWS_ENDPOINT_URL"),
             os.environ.get("AWS_ENDPOINT_URL_S3"),
             os.environ.get("AWS_PROFILE"),
+            os.environ.get("AST_LABEL_S3_ATTEMPTS"),
         )
         return fs, fs._strip_protocol(uri)
     # fsspec keeps its own per-process instance cache for the other schemes.
@@ -87,7 +105,11 @@ def _local_filesystem() -> LocalFileSystem:
 
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(
-    pid: int, endpoint_url: str | None, endpoint_url_s3: str | None, profile: str | None
+    pid: int,
+    endpoint_url: str | None,
+    endpoint_url_s3: str | None,
+    profile: str | None,
+    attempts: str | None,
 ) -> fsspec.AbstractFileSystem:
     import s3fs  # imported lazily: purely local runs never need botocore
 
@@ -95,6 +117,126 @@ def _s3_filesystem(
     # every endpoint; this function's cache is the one that knows the environment.
     # use_listings_cache=False: other processes (Ray workers) write the output and commit markers
     # this process lists; a cached listing would hide them for the life of the process.
+    attempts = int(os.environ.get("AST_LABEL_S3_ATTEMPTS", S3_CLIENT_ATTEMPTS))
+    # A fresh dict per client: botocore rewrites the retries entry in place.
+    config = {"retries": {"total_max_attempts": attempts, "mode": "standard"}}
     return s3fs.S3FileSystem(
-        config_kwargs=S3_CONFIG_KWARGS, skip_instance_cache=True, use_listings_cache=False
+        config_kwargs=config, skip_instance_cache=True, use_listings_cache=False
     )
+
+
+# --- faults and retries -------------------------------------------------------------------------
+
+
+class StorageError(Exception):
+    """A read or write that the store failed (5xx, throttling, dropped connections, timeouts, an
+    object listed at planning time that is now missing or forbidden), after the retries."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Our retries, on top of the client's own (botocore's adaptive mode, s3fs's loop): a call
+    that still fails is tried again after a pause with full jitter, 1, 2, 4, ... s (at most
+    `max_delay_s`), `attempts` times in all. A burst of errors longer than the client's retries
+    then does not end a unit; one longer than these does, and the rerun reads it again.
+
+    AST_LABEL_IO_ATTEMPTS and AST_LABEL_IO_DELAY_S override the defaults (tests shorten them).
+    """
+
+    attempts: int = 4
+    first_delay_s: float = 1.0
+    max_delay_s: float = 16.0
+
+    @classmethod
+    def from_environment(cls) -> RetryPolicy:
+        defaults = cls()
+        return cls(
+            attempts=max(1, int(os.environ.get("AST_LABEL_IO_ATTEMPTS", defaults.attempts))),
+            first_delay_s=float(os.environ.get("AST_LABEL_IO_DELAY_S", defaults.first_delay_s)),
+        )
+
+    def delay_s(self, attempt: int) -> float:
+        """The pause after failed attempt number `attempt` (0-based)."""
+        return random.uniform(0, min(self.max_delay_s, self.first_delay_s * 2**attempt))
+
+
+# Not worth retrying: the object is gone or forbidden, and will be for the next few seconds too.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def with_retries(call: Callable[[], T], what: str, policy: RetryPolicy | None = None) -> T:
+    """call(), retried per the policy; its last failure raised as StorageError("<what>: reason")."""
+    policy = policy or RetryPolicy.from_environment()
+    for attempt in range(policy.attempts):
+        try:
+            return call()
+        except _PERMANENT as error:
+            raise StorageError(f"{what}: {storage_reason(error)}") from error
+        except Exception as error:
+            if attempt + 1 >= policy.attempts:
+                raise StorageError(f"{what}: {storage_reason(error)}") from error
+            time.sleep(policy.delay_s(attempt))
+    raise AssertionError("unreachable")
+
+
+def storage_reason(error: BaseException) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "not found"
+    if isinstance(error, PermissionError):
+        return f"access denied ({error_reason(error)})"
+    return error_reason(error)
+
+
+class RetryingReader:
+    """A forward-only reader of one object that outlives dropped connections and 5xx answers:
+    a failed read is retried on a fresh handle from the same offset (a ranged GET), per the
+    policy. What tarfile's stream mode needs: read(n) and close()."""
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        path: str,
+        block_size: int,
+        policy: RetryPolicy | None = None,
+    ):
+        self._fs = fs
+        self._path = path
+        self._block_size = block_size
+        self._policy = policy or RetryPolicy.from_environment()
+        self._position = 0
+        self._handle = with_retries(self._open, f"cannot open {uri_for(fs, path)}", self._policy)
+
+    def _open(self):
+        handle = self._fs.open(self._path, "rb", block_size=self._block_size)
+        if self._position:
+            handle.seek(self._position)
+        return handle
+
+    def read(self, size: int = -1) -> bytes:
+        def attempt() -> bytes:
+            if self._handle is None:
+                self._handle = self._open()
+            try:
+                return self._handle.read(size)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._handle.close()
+                self._handle = None  # the next attempt starts a new request at the same offset
+                raise
+
+        what = f"cannot read {uri_for(self._fs, self._path)} at byte {self._position}"
+        data = with_retries(attempt, what, self._policy)
+        self._position += len(data)
+        return data
+
+    def close(self) -> None:
+        if self._handle is not None:
+            with contextlib.suppress(Exception):
+                self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> RetryingReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -83,7 +83,7 @@ def unit_batch(
         "unit_rows": unit_rows,
         "shard": np.array([f"s3://in/{unit_id}.tar"] * count, dtype=object),
         "key": np.array([key for key, _, _ in rows], dtype=object),
-        "window": np.array([w for _, w, _ in rows], dtype=np.int32),
+        "window_index": np.array([w for _, w, _ in rows], dtype=np.int32),
         "start_s": np.array([w * WINDOW_S for _, w, _ in rows]),
         "end_s": np.array([(w + 1) * WINDOW_S for _, w, _ in rows]),
         "duration_s": np.array([0.0 if e else durations[k] for k, _, e in rows]),
@@ -153,7 +153,7 @@ def test_schema_has_exactly_the_agreed_columns_and_types():
     assert [(f.name, f.type) for f in schema] == [
         ("shard", pa.string()),
         ("key", pa.string()),
-        ("window", pa.int32()),
+        ("window_index", pa.int32()),
         ("start_s", pa.float64()),
         ("end_s", pa.float64()),
         ("duration_s", pa.float64()),
@@ -186,7 +186,7 @@ def test_rows_round_trip_with_null_vectors_on_error_rows(tmp_path):
     table = read_final(spec.output_uri, "shard-000000")
     assert table.schema.equals(output_schema(HIDDEN, len(LABELS)), check_metadata=False)
     rows = table.to_pylist()
-    assert [(r["key"], r["window"], r["error"]) for r in rows] == [
+    assert [(r["key"], r["window_index"], r["error"]) for r in rows] == [
         ("a", 0, None),
         ("a", 1, None),
         ("b", 0, None),
@@ -272,11 +272,28 @@ def test_tracker_completes_when_the_total_arrives_last_and_counts_a_repeated_rec
     assert done.part_uris == ("u/1", "u/2") and done.rows == 3
 
 
-def test_tracker_refuses_more_rows_than_the_unit_has():
+def test_tracker_never_commits_a_unit_with_more_rows_than_it_has():
     tracker = CommitTracker()
     tracker.add(records(("u", "u/1", 2, 3)))
-    with pytest.raises(RuntimeError, match="5 rows staged but the unit has 3"):
-        tracker.add(records(("u", "u/2", 3, 0)))
+    assert tracker.add(records(("u", "u/2", 3, 0))) == []
+    assert tracker.failed == {"u": "5 rows staged but the unit has 3 (rows arrived twice)"}
+    # Whatever arrives for it later is ignored: the unit stays failed, never committed.
+    assert tracker.add(records(("u", "u/3", 1, 3))) == [] and tracker.pending == {}
+
+
+def test_tracker_fails_a_unit_that_reports_a_storage_failure():
+    tracker = CommitTracker()
+    tracker.add(records(("u", "u/1", 2, 0), ("v", "v/1", 1, 1)))
+    failure = {
+        "unit_id": np.array(["u"], dtype=object),
+        "part_uri": np.array([""], dtype=object),
+        "rows": np.array([1]),
+        "unit_rows": np.array([4]),
+        "unit_failure": np.array(["cannot read s3://b/u.tar: OSError: boom"], dtype=object),
+    }
+    assert tracker.add(failure) == []
+    assert tracker.failed == {"u": "cannot read s3://b/u.tar: OSError: boom"}
+    assert tracker.add(records(("u", "u/2", 2, 0))) == [] and tracker.pending == {}
 
 
 # --- commit -----------------------------------------------------------------------------------
@@ -292,11 +309,11 @@ def test_commit_writes_one_sorted_file_per_unit_and_a_marker(output_uri):
     assert stored(output_uri) == {
         "shard-a.parquet",
         "shard-b.parquet",
-        "_commits/shard-a.json",
-        "_commits/shard-b.json",
+        ".ast-label/commits/shard-a.json",
+        ".ast-label/commits/shard-b.json",
     }
     table = read_final(output_uri, "shard-a")
-    assert list(zip(table["key"].to_pylist(), table["window"].to_pylist(), strict=True)) == [
+    assert list(zip(table["key"].to_pylist(), table["window_index"].to_pylist(), strict=True)) == [
         ("k0", 0),
         ("k1", 0),
         ("k1", 1),
@@ -344,11 +361,11 @@ def test_parts_of_a_killed_run_are_not_committed_and_are_deleted(output_uri):
     unit = unit_batch("u", {"a": 3, "b": 2})
     # A killed run staged some of the unit's rows and never committed.
     write_staging_parts(take(unit, slice(0, 3)), make_spec(output_uri, "killed"))
-    assert len([p for p in stored(output_uri) if p.startswith("_staging/u/killed-")]) == 1
+    assert len([p for p in stored(output_uri) if p.startswith(".ast-label/staging/u/killed-")]) == 1
 
     stage_and_commit(make_spec(output_uri, "run2"), shuffled_batches(unit, 2), {"u": ["s"]})
     assert read_final(output_uri, "u").num_rows == 5
-    assert stored(output_uri) == {"u.parquet", "_commits/u.json"}
+    assert stored(output_uri) == {"u.parquet", ".ast-label/commits/u.json"}
 
 
 def test_commit_refuses_a_row_count_that_does_not_match(tmp_path):
@@ -364,10 +381,10 @@ def test_output_path_with_glob_characters_is_taken_literally(tmp_path):
     (tmp_path / "out1").mkdir()  # what "out[1]" would match as a glob pattern
     (tmp_path / "out1" / "u.parquet").write_bytes(b"not ours")
     commit_units(uri, {"u": ["s"]})
-    assert stored(uri) == {"u.parquet", "_commits/u.json"}
+    assert stored(uri) == {"u.parquet", ".ast-label/commits/u.json"}
     fp = make_spec(uri).model_fingerprint
-    assert check_resume(uri, [("u", ["s"])], fp, False) == {"u"}
-    assert check_resume(uri, [("u", ["s"])], fp, True) == set()
+    assert check_resume(uri, [("u", ["s"])], fp, False).committed == {"u"}
+    assert check_resume(uri, [("u", ["s"])], fp, True).committed == set()
     assert stored(uri) == set() and (tmp_path / "out1" / "u.parquet").exists()
 
 
@@ -383,7 +400,7 @@ def test_readers_see_only_committed_rows_while_staging_exists(tmp_path):
     stage_and_commit(spec, [unit_batch("done", {"a": 2, "b": 1})], {"done": ["s1"]})
     write_staging_parts(take(unit_batch("busy", {"c": 4}), slice(0, 3)), spec)  # not complete
     write_summary(uri, {"files": 2})
-    assert any(p.startswith("_staging/busy/") for p in stored(uri))
+    assert any(p.startswith(".ast-label/staging/busy/") for p in stored(uri))
 
     assert pads.dataset(uri, format="parquet").count_rows() == 3
     assert len(pd.read_parquet(uri)) == 3
@@ -441,20 +458,23 @@ def test_resume_skips_committed_units_and_redoes_one_whose_file_is_missing(outpu
     fs, root = fsspec.core.url_to_fs(output_uri)
     fs.rm(f"{root}/u2.parquet")
     plan = [("u1", ["s1"]), ("u2", ["s2"]), ("u3", ["s3"])]
-    assert check_resume(output_uri, plan, make_spec(output_uri).model_fingerprint, False) == {"u1"}
+    assert check_resume(
+        output_uri, plan, make_spec(output_uri).model_fingerprint, False
+    ).committed == {"u1"}
 
 
 def test_resume_on_an_empty_output_skips_nothing(output_uri):
-    assert check_resume(output_uri, [("u1", ["s1"])], "fp", False) == set()
+    assert check_resume(output_uri, [("u1", ["s1"])], "fp", False).committed == set()
 
 
 def test_resume_removes_staging_left_by_a_run_killed_after_its_commit(output_uri):
     commit_units(output_uri, {"u1": ["s1"]})
     write_staging_parts(unit_batch("u1", {"a": 1}), make_spec(output_uri, "late"))
-    assert check_resume(
+    resume = check_resume(
         output_uri, [("u1", ["s1"])], make_spec(output_uri).model_fingerprint, False
-    ) == {"u1"}
-    assert stored(output_uri) == {"u1.parquet", "_commits/u1.json"}
+    )
+    assert resume.committed == {"u1"}
+    assert stored(output_uri) == {"u1.parquet", ".ast-label/commits/u1.json"}
 
 
 def test_resume_refuses_output_of_another_model(tmp_path):
@@ -476,7 +496,7 @@ def test_resume_refuses_a_plan_that_groups_committed_inputs_differently(tmp_path
     with pytest.raises(OutputError, match="groups the inputs differently"):
         check_resume(uri, [("files-1", ["a.wav"])], fp, False)
     # Inputs the output has not seen, in other units, can be added to it.
-    assert check_resume(uri, [("files-9", ["z.wav"])], fp, False) == set()
+    assert check_resume(uri, [("files-9", ["z.wav"])], fp, False).committed == set()
 
 
 def test_overwrite_deletes_every_ast_label_file_and_nothing_else(output_uri):
@@ -488,7 +508,7 @@ def test_overwrite_deletes_every_ast_label_file_and_nothing_else(output_uri):
     fs.pipe_file(f"{root}/README.txt", b"mine")
     fs.pipe_file(f"{root}/other/data.csv", b"x,y")
     fp = make_spec(output_uri).model_fingerprint
-    assert check_resume(output_uri, [("u1", ["s1"])], fp, overwrite=True) == set()
+    assert check_resume(output_uri, [("u1", ["s1"])], fp, overwrite=True).committed == set()
     assert stored(output_uri) == {"README.txt", "other/data.csv"}
     assert read_commit_markers(output_uri) == {}
 
@@ -496,4 +516,4 @@ def test_overwrite_deletes_every_ast_label_file_and_nothing_else(output_uri):
 def test_summary_is_written_as_json(output_uri):
     write_summary(output_uri, {"files": 3, "errors": 1})
     fs, root = fsspec.core.url_to_fs(output_uri, skip_instance_cache=True)
-    assert json.loads(fs.cat_file(f"{root}/_summary.json")) == {"errors": 1, "files": 3}
+    assert json.loads(fs.cat_file(f"{root}/.ast-label/summary.json")) == {"errors": 1, "files": 3}

@@ -27,6 +27,7 @@ from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
 from ast_model.labels import scores_from_logits
 from pipeline.audio import cut_windows, decode_audio
 from pipeline.errors import UserError
+from pipeline.options import LabelingOptions
 from pipeline.run import RunConfig, run_labeling
 
 pytestmark = pytest.mark.slow
@@ -86,8 +87,7 @@ def test_tar_shards_from_s3_to_parquet_on_s3_equal_the_model_applied_directly(
         RunConfig(
             inputs=(f"{bucket}/shards/shard-{{000000..000002}}.tar",),
             output=output,
-            model=str(tiny_hf_checkpoint),
-            batch_size=4,
+            options=LabelingOptions(model=str(tiny_hf_checkpoint), batch_size=4),
         ),
         echo=lambda line: None,
     )
@@ -99,7 +99,7 @@ def test_tar_shards_from_s3_to_parquet_on_s3_equal_the_model_applied_directly(
     assert table.column_names == [
         "shard",
         "key",
-        "window",
+        "window_index",
         "start_s",
         "end_s",
         "duration_s",
@@ -112,8 +112,8 @@ def test_tar_shards_from_s3_to_parquet_on_s3_equal_the_model_applied_directly(
         "error",
     ]
     rows = table.to_pylist()
-    long_rows = sorted((r for r in rows if r["key"] == "s1/long"), key=lambda r: r["window"])
-    assert [(r["window"], r["start_s"], r["end_s"]) for r in long_rows] == [
+    long_rows = sorted((r for r in rows if r["key"] == "s1/long"), key=lambda r: r["window_index"])
+    assert [(r["window_index"], r["start_s"], r["end_s"]) for r in long_rows] == [
         (0, 0.0, 10.24),
         (1, 10.24, 20.48),
         (2, 20.48, 25.0),
@@ -122,7 +122,7 @@ def test_tar_shards_from_s3_to_parquet_on_s3_equal_the_model_applied_directly(
     assert all(json.loads(r["metadata"])["key"] == r["key"] for r in rows)
     for key, data in all_audio.items():
         got = np.array(
-            [r["scores"] for r in sorted(rows, key=lambda r: r["window"]) if r["key"] == key]
+            [r["scores"] for r in sorted(rows, key=lambda r: r["window_index"]) if r["key"] == key]
         )
         np.testing.assert_allclose(got, direct_scores(tiny_hf_checkpoint, data), atol=1e-5)
     final = sorted(p for p in fs.ls(output[5:]) if p.endswith(".parquet"))
@@ -131,7 +131,7 @@ def test_tar_shards_from_s3_to_parquet_on_s3_equal_the_model_applied_directly(
         metadata = json.loads(pq.read_schema(handle).metadata[b"ast_label"])
     assert metadata["label_names"] == list(TINY_LABELS)
     assert metadata["weights_sha256"] == load_checkpoint(str(tiny_hf_checkpoint)).weights_sha256
-    summary_json = json.loads(fs.cat(f"{output[5:]}/_summary.json"))
+    summary_json = json.loads(fs.cat(f"{output[5:]}/.ast-label/summary.json"))
     assert summary_json["files"] == 12
 
 
@@ -149,8 +149,8 @@ def test_plain_files_globs_and_manifests_label_each_file_once(
         RunConfig(
             inputs=(f"{folder}/**/*.*",),
             output=str(tmp_path / "out-glob"),
-            model=str(tiny_hf_checkpoint),
             files_per_unit=3,
+            options=LabelingOptions(model=str(tiny_hf_checkpoint)),
         ),
         echo=lambda line: None,
     )
@@ -159,7 +159,7 @@ def test_plain_files_globs_and_manifests_label_each_file_once(
             inputs=(),
             manifest=str(manifest),
             output=str(tmp_path / "out-manifest"),
-            model=str(tiny_hf_checkpoint),
+            options=LabelingOptions(model=str(tiny_hf_checkpoint)),
         ),
         echo=lambda line: None,
     )
@@ -192,9 +192,11 @@ def test_bad_inputs_inside_real_shards_each_become_one_error_row(
         RunConfig(
             inputs=(str(tmp_path / "in"),),
             output=str(tmp_path / "out"),
-            model=str(tiny_hf_checkpoint),
-            max_duration_s=BAD_CORPUS_MAX_DURATION_S,
-            max_member_bytes=BAD_CORPUS_MAX_MEMBER_BYTES,
+            options=LabelingOptions(
+                model=str(tiny_hf_checkpoint),
+                max_duration_s=BAD_CORPUS_MAX_DURATION_S,
+                max_member_bytes=BAD_CORPUS_MAX_MEMBER_BYTES,
+            ),
         ),
         echo=lambda line: None,
     )
@@ -224,7 +226,7 @@ def test_user_errors_fail_fast_with_one_clear_message(tmp_path, tiny_hf_checkpoi
             RunConfig(
                 inputs=(str(tmp_path / "does-not-exist"),),
                 output=str(tmp_path / "o"),
-                model=str(tiny_hf_checkpoint),
+                options=LabelingOptions(model=str(tiny_hf_checkpoint)),
             ),
             echo=lambda line: None,
         )
@@ -233,8 +235,7 @@ def test_user_errors_fail_fast_with_one_clear_message(tmp_path, tiny_hf_checkpoi
             RunConfig(
                 inputs=(str(tmp_path),),
                 output=str(tmp_path / "o"),
-                model=str(tiny_hf_checkpoint),
-                window_s=20.0,
+                options=LabelingOptions(model=str(tiny_hf_checkpoint), window_s=20.0),
             ),
             echo=lambda line: None,
         )

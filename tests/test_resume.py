@@ -13,6 +13,7 @@ import pyarrow.dataset as pads
 import pytest
 from audio_corpus import encode, sine, tar_bytes
 
+from pipeline.options import LabelingOptions
 from pipeline.run import RunConfig, run_labeling
 
 pytestmark = pytest.mark.slow
@@ -49,12 +50,12 @@ def ast_label_run(corpus: Path, output: Path, checkpoint: Path) -> list[str]:
 
 def sorted_rows(output: Path) -> list[tuple]:
     table = pads.dataset(str(output), format="parquet").to_table()
-    table = table.select(["shard", "key", "window", "start_s", "end_s", "scores", "error"])
+    table = table.select(["shard", "key", "window_index", "start_s", "end_s", "scores", "error"])
     return sorted(
         (
             r["shard"],
             r["key"],
-            r["window"],
+            r["window_index"],
             r["start_s"],
             r["end_s"],
             tuple(round(s, 5) for s in r["scores"]),
@@ -64,7 +65,11 @@ def sorted_rows(output: Path) -> list[tuple]:
 
 
 def committed(output: Path) -> int:
-    return len(list((output / "_commits").glob("*.json"))) if (output / "_commits").exists() else 0
+    return (
+        len(list((output / ".ast-label" / "commits").glob("*.json")))
+        if (output / ".ast-label" / "commits").exists()
+        else 0
+    )
 
 
 def session_pids(session_id: int) -> list[int]:
@@ -102,8 +107,7 @@ def test_rerun_after_kill_writes_each_file_once(ray_local, tmp_path, tiny_hf_che
         RunConfig(
             inputs=(str(corpus / "shard-{000000..000007}.tar"),),
             output=str(clean),
-            model=str(tiny_hf_checkpoint),
-            batch_size=4,
+            options=LabelingOptions(model=str(tiny_hf_checkpoint), batch_size=4),
         ),
         echo=lambda line: None,
     )
@@ -129,7 +133,7 @@ def test_rerun_after_kill_writes_each_file_once(ray_local, tmp_path, tiny_hf_che
     assert sorted_rows(output) == sorted_rows(clean)
     files = {(shard, key) for shard, key, *_ in sorted_rows(output)}
     assert len(files) == SHARDS * CLIPS_PER_SHARD
-    assert not list(output.glob("_staging/*/*"))
+    assert not list(output.glob(".ast-label/staging/*/*"))
 
     before = {path: path.stat().st_mtime_ns for path in output.glob("*.parquet")}
     third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

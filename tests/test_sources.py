@@ -34,7 +34,7 @@ from pipeline.sources import (
     read_unit_members,
     split_key,
 )
-from pipeline.storage import S3_CONFIG_KWARGS, filesystem_for, is_local, join_uri
+from pipeline.storage import S3_CLIENT_ATTEMPTS, StorageError, filesystem_for, is_local, join_uri
 
 LIMIT = BAD_CORPUS_MAX_MEMBER_BYTES
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -92,16 +92,19 @@ def test_folder_is_listed_recursively_with_shards_and_audio_files(tmp_path):
     (tmp_path / "data" / "notes.txt").write_text("not an input")
     write_audio_files(tmp_path / "data", [".hidden/five.wav", "._six.wav"])
 
-    units = plan_work_units([str(tmp_path / "data")], files_per_unit=3)
+    plan = plan_work_units([str(tmp_path / "data")], files_per_unit=3)
+    units = plan.units
 
     assert [u.kind for u in units] == ["tar", "tar", "files", "files"]
     assert units[0].sources == (str(tmp_path / "data/deep/shard-000001.tar"),)
     assert units[1].sources == (str(tmp_path / "data/shard-000000.tar"),)
     files = [s for u in units[2:] for s in u.sources]
-    assert files == sorted(
-        str(tmp_path / "data" / n) for n in ["x/one.wav", "x/two.FLAC", "three.mp3", "four.ogg"]
-    )
-    assert [len(u.sources) for u in units[2:]] == [3, 1]
+    # Every file listed is an input, audio or not (notes.txt becomes an error row saying so);
+    # hidden ones are skipped, and counted.
+    names = ["x/one.wav", "x/two.FLAC", "three.mp3", "four.ogg", "notes.txt"]
+    assert files == sorted(str(tmp_path / "data" / n) for n in names)
+    assert [len(u.sources) for u in units[2:]] == [3, 2]
+    assert plan.skipped == {"hidden files and folders": 2}
     assert re.fullmatch(r"shard-000001-[0-9a-f]{8}", units[0].unit_id)
     assert re.fullmatch(r"files-000000-[0-9a-f]{10}", units[2].unit_id)
     assert re.fullmatch(r"files-000001-[0-9a-f]{10}", units[3].unit_id)
@@ -112,8 +115,8 @@ def test_planning_is_deterministic_whatever_the_input_order(tmp_path):
     audio = write_audio_files(tmp_path / "clips", [f"c{i}.wav" for i in range(5)])
     inputs = [str(tmp_path / "s2.tar"), str(tmp_path / "clips"), str(tmp_path / "s1.tar")]
 
-    first = plan_work_units(inputs, files_per_unit=2)
-    again = plan_work_units(list(reversed(inputs)), files_per_unit=2)
+    first = plan_work_units(inputs, files_per_unit=2).units
+    again = plan_work_units(list(reversed(inputs)), files_per_unit=2).units
 
     assert first == again
     assert [u.sources for u in first if u.kind == "files"] == [
@@ -127,13 +130,13 @@ def test_same_file_named_twice_is_counted_once(tmp_path):
     (shard,) = write_shards(tmp_path, ["only.tar"])
     (wav,) = write_audio_files(tmp_path, ["x.wav"])
     relative_twin = str(tmp_path / "sub" / ".." / "only.tar")
-    units = plan_work_units([str(shard), str(tmp_path), relative_twin, f"{tmp_path}/*.wav"])
+    units = plan_work_units([str(shard), str(tmp_path), relative_twin, f"{tmp_path}/*.wav"]).units
     assert [u.sources for u in units] == [(str(shard),), (str(wav),)]
 
 
 def test_equal_shard_names_in_different_folders_get_different_ids(tmp_path):
     write_shards(tmp_path, ["a/shard-000000.tar", "b/shard-000000.tar", "c/we ird (1).tar.gz"])
-    ids = [u.unit_id for u in plan_work_units([str(tmp_path)])]
+    ids = [u.unit_id for u in plan_work_units([str(tmp_path)]).units]
     assert len(set(ids)) == 3
     assert all(SAFE_ID.match(unit_id) for unit_id in ids), ids
     assert sorted(i.rsplit("-", 1)[0] for i in ids) == ["shard-000000", "shard-000000", "we_ird_1"]
@@ -144,7 +147,9 @@ def test_globs_match_files_and_recurse_with_double_star(tmp_path):
     write_shards(tmp_path, names)
 
     def planned(pattern: str) -> list[str]:
-        return sorted(Path(u.sources[0]).name for u in plan_work_units([f"{tmp_path}/{pattern}"]))
+        return sorted(
+            Path(u.sources[0]).name for u in plan_work_units([f"{tmp_path}/{pattern}"]).units
+        )
 
     assert planned("shard-*.tar") == ["shard-1.tar", "shard-2.tar"]
     assert planned("shard-?.tar") == ["shard-1.tar", "shard-2.tar"]
@@ -155,9 +160,9 @@ def test_globs_match_files_and_recurse_with_double_star(tmp_path):
 
 def test_brace_ranges_keep_zero_padding_and_lists_expand(tmp_path):
     write_shards(tmp_path, [f"shard-{i:06d}.tar" for i in range(12)])
-    units = plan_work_units([f"{tmp_path}/shard-{{000003..000010}}.tar"])
+    units = plan_work_units([f"{tmp_path}/shard-{{000003..000010}}.tar"]).units
     assert [Path(u.sources[0]).name for u in units] == [f"shard-{i:06d}.tar" for i in range(3, 11)]
-    listed = plan_work_units([f"{tmp_path}/shard-00000{{0,2}}.tar"])
+    listed = plan_work_units([f"{tmp_path}/shard-00000{{0,2}}.tar"]).units
     assert [Path(u.sources[0]).name for u in listed] == ["shard-000000.tar", "shard-000002.tar"]
 
 
@@ -178,9 +183,8 @@ def test_brace_expansion_rules():
     [
         (lambda d: str(d / "nope.tar"), "input not found: {d}/nope.tar"),
         (lambda d: f"{d}/shard-{{000..002}}.tar", "input not found: {d}/shard-002.tar"),
-        (lambda d: f"{d}/*.flac", "no .tar shards or audio files"),
-        (lambda d: str(d / "empty"), "no .tar shards or audio files"),
-        (lambda d: str(d / "readme.txt"), "not a .tar shard or audio file"),
+        (lambda d: f"{d}/*.flac", "no files to label match {d}/*.flac"),
+        (lambda d: str(d / "empty"), "no files to label under {d}/empty"),
         (lambda d: f"{d}/**.tar", "invalid glob"),
     ],
 )
@@ -210,7 +214,7 @@ def test_text_manifest_skips_comments_and_resolves_relative_entries(tmp_path):
     manifest.write_text(
         f"# shards to label\n\nshards/s0.tar\n  shards/s{{1..2}}.tar  \n{tmp_path}/shards/s0.tar\n"
     )
-    units = plan_work_units([], manifest=str(manifest))
+    units = plan_work_units([], manifest=str(manifest)).units
     assert [Path(u.sources[0]).name for u in units] == ["s0.tar", "s1.tar", "s2.tar"]
 
 
@@ -223,7 +227,7 @@ def test_csv_manifest_uses_the_uri_column_or_the_only_column(tmp_path):
     single_named = tmp_path / "m3.csv"
     single_named.write_text(f"path\n{paths[0]}\n{paths[1]}\n")
     for manifest in (with_header, single_no_header, single_named):
-        units = plan_work_units([], manifest=str(manifest))
+        units = plan_work_units([], manifest=str(manifest)).units
         assert [u.sources[0] for u in units] == paths, manifest.name
 
 
@@ -231,7 +235,7 @@ def test_parquet_manifest_uses_the_uri_column(tmp_path):
     paths = [str(p) for p in write_shards(tmp_path, ["a.tar", "b.tar"])]
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"n": [1, 2], "uri": paths}), manifest)
-    assert [u.sources[0] for u in plan_work_units([], manifest=str(manifest))] == paths
+    assert [u.sources[0] for u in plan_work_units([], manifest=str(manifest)).units] == paths
 
 
 @pytest.mark.parametrize(
@@ -379,7 +383,6 @@ def test_truncated_or_corrupt_stream_keeps_what_was_read_then_one_error(tmp_path
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (None, "cannot open shard: not found"),
         (b"", "shard unreadable"),
         (b"definitely not a tar archive" * 40, "shard unreadable"),
         (tar_bytes([]), "shard has no audio members"),
@@ -394,29 +397,43 @@ def test_unreadable_or_empty_shard_yields_one_error_member(tmp_path, content, me
     assert message in member.error
 
 
+def test_a_shard_that_vanished_after_planning_is_a_storage_error_not_an_error_row(tmp_path):
+    """Missing now is not the shard's fault: the unit must not commit, and a rerun reads it."""
+    with pytest.raises(StorageError, match=r"cannot open .*s\.tar: not found"):
+        read_all(str(tmp_path / "s.tar"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading plain files
 
 
 def test_files_unit_yields_one_member_per_file_in_order(tmp_path):
     names = [f"c{i:02d}.{ext}" for i, ext in enumerate(["wav", "flac", "ogg", "mp3"] * 3)]
-    paths = write_audio_files(tmp_path, names)
+    write_audio_files(tmp_path, names)
     (tmp_path / "big.wav").write_bytes(bytes(LIMIT + 1))
-    (unit,) = plan_work_units([str(tmp_path)], files_per_unit=100)
-    paths[3].unlink()  # vanished between planning and reading
+    (unit,) = plan_work_units([str(tmp_path)], files_per_unit=100).units
 
     members = list(read_unit_members(unit, LIMIT))
 
     assert [m.key for m in members] == list(unit.sources)
     errors = {Path(m.key).name: m.error for m in members if m.error}
     assert errors == {
-        "big.wav": f"file is {LIMIT + 1} bytes, over the limit of {LIMIT} bytes (max_member_bytes)",
-        "c03.mp3": "cannot read file: not found",
+        "big.wav": f"file is {LIMIT + 1} bytes, over the limit of {LIMIT} bytes (max_member_bytes)"
     }
     for member in members:
         if member.error is None:
             assert member.audio == Path(member.key).read_bytes()
             assert member.audio_format == member.key.rsplit(".", 1)[1]
+
+
+def test_a_file_that_vanished_after_planning_ends_its_unit_with_a_storage_error(tmp_path):
+    paths = write_audio_files(tmp_path, [f"c{i}.wav" for i in range(4)])
+    (unit,) = plan_work_units([str(tmp_path)]).units
+    paths[2].unlink()
+    members = read_unit_members(unit, LIMIT)
+    assert [next(members).key for _ in range(2)] == [str(p) for p in paths[:2]]
+    with pytest.raises(StorageError, match=r"cannot read .*c2\.wav: not found"):
+        next(members)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,11 +447,13 @@ def s3_prefix(s3_server) -> str:
     return f"{bucket}/{uuid.uuid4().hex[:8]}"
 
 
-def test_s3_filesystem_uses_the_endpoint_and_adaptive_retries(s3_server, s3_prefix):
+def test_s3_filesystem_uses_the_endpoint_and_bounded_standard_retries(s3_server, s3_prefix):
     fs, path = filesystem_for(f"{s3_prefix}/x.bin")
     assert path == f"{s3_prefix.removeprefix('s3://')}/x.bin"
     assert fs is filesystem_for(f"{s3_prefix}/y.bin")[0]  # one client per process
-    assert fs.config_kwargs == S3_CONFIG_KWARGS
+    retries = fs.config_kwargs["retries"]
+    assert retries["mode"] == "standard"
+    assert retries["total_max_attempts"] == S3_CLIENT_ATTEMPTS
     fs.pipe(path, b"hello")
     assert s3_server.filesystem().cat(path) == b"hello"
 
@@ -447,22 +466,25 @@ def test_s3_folder_glob_brace_range_and_manifest(s3_server, s3_prefix):
         s3.pipe(f"{root}/shards/shard-{i:06d}.tar", shard)
     s3.pipe(f"{root}/shards/sub/extra.tar", shard)
     s3.pipe(f"{root}/clips/a.wav", clip())
-    s3.pipe(f"{root}/clips/readme.txt", b"ignored")
+    s3.pipe(f"{root}/clips/readme.txt", b"an input too: its error row will say it is not audio")
     s3.pipe(f"{root}/lists/m.txt", b"../shards/shard-000001.tar\n../clips/a.wav\n")
 
-    folder = plan_work_units([f"{s3_prefix}/shards/"])
+    folder = plan_work_units([f"{s3_prefix}/shards/"]).units
     assert len(folder) == 71
     assert folder[0].sources == (f"{s3_prefix}/shards/shard-000000.tar",)
 
-    ranged = plan_work_units([f"{s3_prefix}/shards/shard-{{000000..000069}}.tar"])
+    ranged = plan_work_units([f"{s3_prefix}/shards/shard-{{000000..000069}}.tar"]).units
     expected = [f"{s3_prefix}/shards/shard-{i:06d}.tar" for i in range(70)]
     assert [u.sources[0] for u in ranged] == expected
     assert [u.unit_id for u in ranged] == [u.unit_id for u in folder[:70]]
 
-    globbed = plan_work_units([f"{s3_prefix}/shards/shard-00000?.tar", f"{s3_prefix}/clips/*"])
-    assert len(globbed) == 11 and globbed[-1].sources == (f"{s3_prefix}/clips/a.wav",)
+    globbed = plan_work_units(
+        [f"{s3_prefix}/shards/shard-00000?.tar", f"{s3_prefix}/clips/*"]
+    ).units
+    assert len(globbed) == 11
+    assert globbed[-1].sources == (f"{s3_prefix}/clips/a.wav", f"{s3_prefix}/clips/readme.txt")
 
-    listed = plan_work_units([], manifest=f"{s3_prefix}/lists/m.txt")
+    listed = plan_work_units([], manifest=f"{s3_prefix}/lists/m.txt").units
     assert [u.sources for u in listed] == [
         (f"{s3_prefix}/shards/shard-000001.tar",),
         (f"{s3_prefix}/clips/a.wav",),
@@ -470,7 +492,7 @@ def test_s3_folder_glob_brace_range_and_manifest(s3_server, s3_prefix):
 
     with pytest.raises(InputError, match=r"input not found: .*shard-000070\.tar"):
         plan_work_units([f"{s3_prefix}/shards/shard-{{000068..000070}}.tar"])
-    with pytest.raises(InputError, match=r"no \.tar shards or audio files"):
+    with pytest.raises(InputError, match=r"no files to label match"):
         plan_work_units([f"{s3_prefix}/nothing/*.tar"])
 
 
@@ -490,10 +512,10 @@ def test_s3_shard_and_files_stream_like_local_ones(s3_server, s3_prefix):
     truncated = read_all(f"{s3_prefix}/truncated.tar")
     assert truncated[-1].key == "" and "shard unreadable after" in truncated[-1].error
 
-    (missing,) = read_all(f"{s3_prefix}/missing.tar")
-    assert missing.error == "cannot open shard: not found"
+    with pytest.raises(StorageError, match="cannot open .*missing.tar: not found"):
+        read_all(f"{s3_prefix}/missing.tar")
 
-    (unit,) = plan_work_units([f"{s3_prefix}/c"])
+    (unit,) = plan_work_units([f"{s3_prefix}/c"]).units
     files = list(read_unit_members(unit, LIMIT))
     assert [(m.key, m.audio_format, m.error) for m in files] == [
         (f"{s3_prefix}/c/one.wav", "wav", None),
