@@ -77,6 +77,11 @@ ORIGINAL_UNUSED_PREFIXES = ("v.head.", "v.head_dist.")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 _SHOW = 5  # how many offending names an error message lists
+# Packages whose exceptions, whatever their type, mean that the store could not be read.
+_STORAGE_CLIENT_PACKAGES = frozenset(
+    {"botocore", "aiobotocore", "s3fs", "aiohttp", "fsspec", "urllib3", "requests", "gcsfs"}
+)
+_DENIED_CODES = ("accessdenied", "access denied", "forbidden", "invalidaccesskeyid", "signature")
 
 
 class CheckpointError(Exception):
@@ -137,29 +142,63 @@ def _load_location(
     fs: fsspec.AbstractFileSystem, path: str, name: str, original_config: ASTConfig | None
 ) -> LoadedModel:
     try:
-        if path.endswith(".pth"):
-            if not fs.isfile(path):
-                raise CheckpointError(f"model {name!r} not found: no file {path}")
-            return _load_original(fs, path, name, original_config)
-        if not fs.isdir(path):
-            raise CheckpointError(
-                f"model {name!r} not found: no checkpoint folder or .pth file there"
-            )
-        if fs.exists(_join(path, HF_CONFIG)):
-            return _load_hf_folder(fs, path, name)
-        pth_files = sorted(fs.glob(_join(path, "*.pth")))
-        if len(pth_files) == 1:
-            return _load_original(fs, pth_files[0], name, original_config)
+        return _find_and_load(fs, path, name, original_config)
     except CheckpointError:
         raise
-    except (OSError, ValueError) as error:  # storage unreachable, permissions, bad URL
-        raise CheckpointError(f"cannot read model {name!r}: {error}") from error
+    except Exception as error:
+        if not _is_storage_error(error):
+            raise
+        raise CheckpointError(f"cannot read model {name!r}: {_storage_problem(error)}") from error
+
+
+def _find_and_load(
+    fs: fsspec.AbstractFileSystem, path: str, name: str, original_config: ASTConfig | None
+) -> LoadedModel:
+    if path.endswith(".pth"):
+        if not fs.isfile(path):
+            raise CheckpointError(f"model {name!r} not found: no file {path}")
+        return _load_original(fs, path, name, original_config)
+    if not fs.isdir(path):
+        raise CheckpointError(f"model {name!r} not found: no checkpoint folder or .pth file there")
+    if fs.exists(_join(path, HF_CONFIG)):
+        return _load_hf_folder(fs, path, name)
+    pth_files = sorted(fs.glob(_join(path, "*.pth")))
+    if len(pth_files) == 1:
+        return _load_original(fs, pth_files[0], name, original_config)
     weights = [w for w in HF_WEIGHTS if fs.exists(_join(path, w))]
     what = f"has {weights[0]} but no {HF_CONFIG}" if weights else "is not a checkpoint folder"
     raise CheckpointError(
         f"{path} {what}: expected {HF_CONFIG} + {HF_WEIGHTS[0]} (or {HF_WEIGHTS[1]}), "
         f"or one original AST .pth with {ORIGINAL_LABELS_CSV}"
     )
+
+
+def _is_storage_error(error: Exception) -> bool:
+    """Whether reading the checkpoint failed in the store rather than in our code: OSError (what
+    fsspec backends raise for most failures), or a type of the storage clients themselves
+    (botocore's NoCredentialsError and EndpointConnectionError are not OSErrors)."""
+    if isinstance(error, OSError | ValueError):  # ValueError: a URL fsspec cannot use
+        return True
+    return type(error).__module__.split(".")[0] in _STORAGE_CLIENT_PACKAGES
+
+
+def _storage_problem(error: Exception) -> str:
+    """One line: what the store said, then what to do. botocore's messages name the operation,
+    endpoint and error code, never a credential."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    lowered = text.lower()
+    if "credential" in lowered:
+        return (
+            f"no usable credentials ({text}); for s3:// set AWS_PROFILE, or AWS_ACCESS_KEY_ID "
+            "and AWS_SECRET_ACCESS_KEY, or run where an instance profile applies"
+        )
+    if "could not connect" in lowered or "connect" in type(error).__name__.lower():
+        return f"cannot reach the store ({text}); check the network and AWS_ENDPOINT_URL"
+    if isinstance(error, PermissionError) or any(code in lowered for code in _DENIED_CODES):
+        return f"access denied ({text}); check the read permission on the model's location"
+    if "nosuchbucket" in lowered:
+        return f"the bucket does not exist ({text}); check the bucket name"
+    return text
 
 
 def _download_from_hub(repo_id: str) -> str:

@@ -1,18 +1,42 @@
-"""The `ast-label` command line."""
+"""The `ast-label` command line: every command, and the one table of exit statuses.
+
+Each command is one function that parses options, calls the library and prints; the library
+raises the error types of pipeline.errors (and ast_model's CheckpointError), which `_Command`
+turns into one line on stderr and the exit status of EXIT_STATUSES, for every command alike.
+The Ray jobs (`python -m jobs.label`, `python -m jobs.norm_stats`) run these same commands.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from ast_model.config import DEFAULT_MODEL
-from pipeline.errors import UserError
+from pipeline import defaults
+from pipeline.errors import Interrupted, RunIncomplete, UserError, WorkFailed
 
 # torch, Ray and the model code load inside the commands that need them: `ast-label submit`,
 # `status` and `--help` answer in a fraction of a second.
+
+# (exit status, error types, what it means): the one mapping, also printed by `ast-label --help`.
+# "CheckpointError" (ast_model.checkpoint) is named, not imported: importing it loads torch.
+EXIT_STATUSES: tuple[tuple[int, tuple[type[Exception] | str, ...], str], ...] = (
+    (0, (), "done"),
+    (1, (WorkFailed,), "part of the work failed: files predict could not label, a failed job"),
+    (
+        2,
+        (UserError, "CheckpointError"),
+        'a problem to fix (option, input, output, model, cluster): one line "Error: ..."',
+    ),
+    (3, (RunIncomplete,), "incomplete: work units did not commit; run the same command again"),
+    (130, (Interrupted,), "interrupted"),
+)
+# Environment variables whose values never appear in a message, whatever a library put in it.
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 
 MODEL_HELP = (
     "Hugging Face AST checkpoint: a folder or URI (s3://...) holding config.json and "
@@ -20,163 +44,214 @@ MODEL_HELP = (
 )
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from ast_model.checkpoint import CheckpointError
+def exit_status(error: BaseException) -> int | None:
+    """The exit status of an error the library raised; None for anything else (a bug)."""
+    for status, error_types, _ in EXIT_STATUSES:
+        for error_type in error_types:
+            if isinstance(error_type, str):
+                # Only a loaded ast_model.checkpoint can have raised its own error type.
+                module = sys.modules.get("ast_model.checkpoint")
+                error_type = getattr(module, error_type, None)
+            if error_type is not None and isinstance(error, error_type):
+                return status
+    return None
 
-    return (UserError, CheckpointError)
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line, with the value of every secret variable masked."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    for name in SECRET_VARIABLES:
+        secret = os.environ.get(name, "")
+        if len(secret) >= 8:  # a shorter value would mask ordinary words, and guards nothing
+            text = text.replace(secret, "***")
+    return text
 
 
-def _fail(error: Exception) -> click.ClickException:
-    return click.ClickException(str(error))
+class _Failure(click.ClickException):
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.exit_code = status
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Command(click.Command):
+    """Every ast-label command: a library error becomes `Error: <one line>` on stderr and its
+    exit status. Bugs keep their traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Failure("interrupted", 130) from None
+        except Exception as error:
+            status = exit_status(error)
+            if status is None:
+                raise
+            raise _Failure(one_line(error), status) from None
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+def _epilog() -> str:
+    rows = "\n".join(f"  {status:<4} {meaning}" for status, _, meaning in EXIT_STATUSES)
+    bug = "  (an internal error, a bug, shows its traceback and exits 1)"
+    return f"\b\nExit status, every command:\n{rows}\n{bug}"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
 @click.version_option(package_name="ast-label")
 def main() -> None:
     """Label audio corpora with the Audio Spectrogram Transformer (AST) on Ray."""
 
 
-@main.command()
-@click.argument("files", nargs=-1, required=True)
-@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
-@click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per file on stdout.")
-@click.option("--scores", is_flag=True, help="With --json: include every label's score.")
-@click.option("--embedding", is_flag=True, help="With --json: include the pooled embedding.")
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
-def predict(files, model, top_k, as_json, scores, embedding, device) -> None:
-    """Label a few FILES in this process (no Ray). Long files are cut into windows whose scores
-    are averaged."""
-    from ast_model.checkpoint import CheckpointError, load_checkpoint
-    from pipeline.audio import AudioError
-    from pipeline.predict import FilePredictor
-
-    try:
-        predictor = FilePredictor(load_checkpoint(model), device=device)
-    except CheckpointError as error:
-        raise _fail(error) from None
-    failures = 0
-    for path in files:
-        try:
-            prediction = predictor.predict(path, top_k)
-        except (AudioError, OSError) as error:
-            failures += 1
-            click.echo(f"{path}: cannot label: {error}", err=True)
-            continue
-        if as_json:
-            click.echo(json.dumps(prediction.to_json(scores, embedding)))
-        else:
-            labels = ", ".join(
-                f"{label} {score:.3f}"
-                for label, score in zip(prediction.top_labels, prediction.top_scores, strict=True)
-            )
-            click.echo(f"{path}: {labels}")
-    if failures:
-        sys.exit(1)
+def _note(line: str) -> None:
+    click.echo(line, err=True)
 
 
-@main.command()
-@click.argument("inputs", nargs=-1)
-@click.option("--output", "-o", required=True, help="Output folder or URI (s3://bucket/prefix).")
-@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
-@click.option("--manifest", help="File listing input URIs: text (one per line), CSV or Parquet.")
-@click.option(
-    "--batch-size", type=int, help="Windows per model batch [default: 64 on GPU, 16 on CPU]."
+# --- the options `run` and `predict` share: the same names, defaults and checks -----------------
+
+_LABELING_OPTIONS = (
+    click.argument("inputs", nargs=-1),
+    click.option(
+        "--manifest", help="File listing input URIs: text (one per line), CSV or Parquet."
+    ),
+    click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP),
+    click.option(
+        "--window-s",
+        type=float,
+        help="Window length in seconds [default: the model's input, 10.24].",
+    ),
+    click.option(
+        "--hop-s", type=float, help="Hop between windows in seconds [default: the window length]."
+    ),
+    click.option(
+        "--allow-gaps",
+        is_flag=True,
+        help="Accept a hop longer than the window (the audio between windows is not labeled).",
+    ),
+    click.option("--top-k", "-k", default=defaults.TOP_K, show_default=True, type=int),
+    click.option(
+        "--batch-size",
+        type=int,
+        help=f"Windows per model batch [default: {defaults.GPU_BATCH_SIZE} on GPU, "
+        f"{defaults.CPU_BATCH_SIZE} on CPU].",
+    ),
+    click.option(
+        "--device",
+        default=defaults.DEVICE,
+        show_default=True,
+        type=click.Choice(["auto", "cpu", "cuda"]),
+    ),
+    click.option(
+        "--precision",
+        default=defaults.PRECISION,
+        show_default=True,
+        type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        help="auto: bf16 autocast on GPU, fp32 on CPU.",
+    ),
+    click.option(
+        "--max-duration-s",
+        default=defaults.MAX_DURATION_S,
+        show_default=True,
+        type=float,
+        help="Files longer than this become errors.",
+    ),
+    click.option(
+        "--norm-stats", help="JSON from `ast-label norm-stats` to use instead of AudioSet's."
+    ),
 )
-@click.option("--feature-actors", type=int, help="CPU fbank actors [default: CPUs/4, at least 1].")
+
+
+def _labeling_options(command):
+    for option in reversed(_LABELING_OPTIONS):
+        command = option(command)
+    return command
+
+
+# --- labeling ------------------------------------------------------------------------------------
+
+
+@main.command("predict")
+@_labeling_options
+@click.option("--windows", is_flag=True, help="One line (or JSON object) per window, not per file.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="JSON lines on stdout, failed files included."
+)
+@click.option("--scores", is_flag=True, help="With --json: every label's score.")
+@click.option("--embedding", is_flag=True, help="With --json: the pooled embedding.")
+def predict_command(inputs, windows, as_json, scores, embedding, **options) -> None:
+    """Label INPUTS in this process, without Ray: the same inputs, windows and numbers as `run`.
+    A file's labels are the top of the mean of its windows' scores."""
+    if (scores or embedding) and not as_json:
+        raise UserError("--scores and --embedding go with --json")
+    from pipeline.options import LabelingOptions
+    from pipeline.predict import PredictConfig, Predictor, text_line
+
+    labeling = LabelingOptions.take(options)
+    predictor = Predictor(PredictConfig(tuple(inputs), options.pop("manifest"), labeling))
+    plan = predictor.plan()
+    if plan.skipped:
+        _note("skipped (not inputs): " + ", ".join(f"{n} {why}" for why, n in plan.skipped.items()))
+    files = failed = 0
+    for result in predictor.label(plan.units):
+        files += 1
+        failed += result.error is not None
+        for record in predictor.records(result, windows, scores, embedding):
+            if as_json:
+                click.echo(json.dumps(record))
+            else:
+                click.echo(text_line(record), err=result.error is not None)
+    if failed:
+        raise WorkFailed(f"{failed} of {files} files could not be labeled")
+
+
+@main.command("run")
+@_labeling_options
+@click.option("--output", "-o", required=True, help="Output folder or URI (s3://bucket/prefix).")
 @click.option(
     "--classifier-actors",
     type=int,
     help="Model actors [default: one per GPU; on CPU one per 8 CPUs].",
 )
 @click.option(
-    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
-)
-@click.option(
-    "--precision",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    help="auto: bf16 autocast on GPU, fp32 on CPU.",
-)
-@click.option(
-    "--window-s", type=float, help="Window length in seconds [default: the model's input, 10.24]."
-)
-@click.option(
-    "--hop-s", type=float, help="Hop between windows in seconds [default: the window length]."
-)
-@click.option("--top-k", default=5, show_default=True, type=int)
-@click.option(
-    "--max-duration-s",
-    default=3600.0,
-    show_default=True,
-    type=float,
-    help="Files longer than this become error rows.",
-)
-@click.option(
     "--files-per-unit",
-    default=256,
+    default=defaults.FILES_PER_UNIT,
     show_default=True,
     type=click.IntRange(min=1),
     help="Plain audio files grouped per output file.",
 )
 @click.option(
-    "--norm-stats", help="JSON from `jobs.norm_stats` to use instead of AudioSet's mean/std."
-)
-@click.option(
     "--overwrite", is_flag=True, help="Delete this output's earlier results and start again."
 )
 @click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join [default: a local Ray].")
-def run(
-    inputs,
-    output,
-    model,
-    manifest,
-    batch_size,
-    feature_actors,
-    classifier_actors,
-    device,
-    precision,
-    window_s,
-    hop_s,
-    top_k,
-    max_duration_s,
-    files_per_unit,
-    norm_stats,
-    overwrite,
-    address,
-) -> None:
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's own logs and progress bars.")
+def run_command(inputs, **options) -> None:
     """Label INPUTS (tar shards, audio files, folders, globs, brace ranges, s3:// URIs) into
     Parquet under --output, exactly once per file; rerun the same command to resume."""
+    from pipeline.options import LabelingOptions
+    from pipeline.progress import Progress
     from pipeline.run import RunConfig, format_summary, run_labeling
 
-    config = RunConfig(
-        inputs=tuple(inputs),
-        output=output,
-        model=model,
-        manifest=manifest,
-        batch_size=batch_size,
-        feature_actors=feature_actors,
-        classifier_actors=classifier_actors,
-        device=device,
-        precision=precision,
-        window_s=window_s,
-        hop_s=hop_s,
-        top_k=top_k,
-        max_duration_s=max_duration_s,
-        files_per_unit=files_per_unit,
-        norm_stats=norm_stats,
-        overwrite=overwrite,
-        address=address,
+    live = sys.stderr.isatty()
+
+    def progress(units: int) -> Progress:
+        return Progress(units, write=lambda text: click.echo(text, err=True, nl=False), live=live)
+
+    summary = run_labeling(
+        RunConfig(tuple(inputs), options=LabelingOptions.take(options), **options),
+        echo=_note,
+        progress=progress,
     )
-    try:
-        summary = run_labeling(config, echo=lambda line: click.echo(line, err=True))
-    except _user_errors() as error:
-        raise _fail(error) from None
     click.echo(format_summary(summary))
+    if not summary.complete:
+        raise RunIncomplete(
+            f"{len(summary.units_failed)} work units did not commit (storage faults, not the "
+            "data's): run the same command again to label them"
+        )
 
 
-@main.command()
+@main.command("demo")
 @click.option(
     "--output",
     "-o",
@@ -186,23 +261,133 @@ def run(
     help="Folder for the generated corpus and its labels.",
 )
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True, help=MODEL_HELP)
-def demo(output: Path, model: str) -> None:
-    """Generate a small synthetic corpus, label it with the real pipeline in local mode, and show
-    what came out."""
+def demo_command(output: Path, model: str) -> None:
+    """Generate a small synthetic corpus, label it with the real pipeline on a Ray of this machine,
+    and show what came out."""
     from pipeline.demo import run_demo
 
+    report = run_demo(output, model=model, echo=click.echo)
+    if not report.summary.complete:
+        raise RunIncomplete("the demo's output is incomplete: run the demo again")
+
+
+@main.command("norm-stats")
+@click.argument("inputs", nargs=-1)
+@click.option("--output", "-o", required=True, help="Where to write the JSON: a path or s3:// URI.")
+@click.option("--manifest", help="File listing input URIs: text (one per line), CSV or Parquet.")
+@click.option(
+    "--files-per-unit",
+    default=defaults.FILES_PER_UNIT,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Plain audio files measured per task.",
+)
+@click.option(
+    "--max-duration-s",
+    default=defaults.MAX_DURATION_S,
+    show_default=True,
+    type=float,
+    help="Files longer than this are left out (counted as errors).",
+)
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join [default: a local Ray].")
+def norm_stats_command(inputs, output, manifest, files_per_unit, max_duration_s, address) -> None:
+    """Measure the fbank mean and std of INPUTS (as `run` takes them) into a JSON file for
+    `ast-label run --norm-stats`."""
+    from pipeline.norm_stats import ReadLimits, compute_norm_stats
+
+    stats = compute_norm_stats(
+        inputs,
+        manifest,
+        files_per_unit,
+        ReadLimits(max_duration_s=max_duration_s),
+        address,
+        echo=_note,
+    )
+    stats.save(output)
+    click.echo(
+        f"mean {stats.mean:.6f} std {stats.std:.6f} over {stats.frames} frames of {stats.files} "
+        f"files ({stats.errors} unreadable) -> {output}"
+    )
+
+
+# --- inspect -------------------------------------------------------------------------------------
+# `ast-label inspect` (reading an output; the library part lives in pipeline/inspect.py) is
+# registered here, as one `@main.command("inspect")` function like the ones above.
+
+
+# --- a Ray cluster's Jobs API (pipeline.submit) ---------------------------------------------------
+
+_ADDRESS_OPTION = click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    required=True,
+    metavar="URL",
+    help="The cluster's Jobs API, http://HEAD:8265 (default: $RAY_ADDRESS).",
+)
+
+
+@main.command(
+    "submit",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@_ADDRESS_OPTION
+@click.option("--no-wait", is_flag=True, help="Print the job id and return without following it.")
+@click.option(
+    "--working-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="The project directory to upload (default: this ast-label checkout).",
+)
+@click.argument("job_args", nargs=-1, type=click.UNPROCESSED)
+def submit_command(
+    address: str, no_wait: bool, working_dir: Path | None, job_args: tuple[str, ...]
+) -> None:
+    """Submit a job to a Ray cluster: ast-label submit --address URL -- run INPUT... --output URI.
+
+    The job is `run` or `norm-stats` with the same arguments as the local command. Follows the
+    job's logs until it ends; exits 0 only when it SUCCEEDED.
+    """
+    from pipeline.submit import follow_job, submit_job
+
+    client, job_id = submit_job(address, job_args, working_dir, echo=_note)
+    if no_wait:
+        click.echo(job_id)
+        return
+    _note(f"submitted job {job_id}; Ctrl-C stops following it, not the job")
     try:
-        run_demo(output, model=model, echo=click.echo)
-    except _user_errors() as error:
-        raise _fail(error) from None
+        follow_job(
+            client, address, job_id, write=lambda chunk: click.echo(chunk, nl=False), echo=_note
+        )
+    except KeyboardInterrupt:
+        _note("")
+        raise Interrupted(
+            f"stopped following job {job_id}, which keeps running: `ast-label stop {job_id}` "
+            "ends it"
+        ) from None
+    _note(f"job {job_id} SUCCEEDED")
 
 
-def _register_cluster_commands() -> None:
-    from pipeline.submit import status_command, stop_command, submit_command
+@main.command("status")
+@_ADDRESS_OPTION
+@click.argument("job_id")
+def status_command(address: str, job_id: str) -> None:
+    """Print a submitted job's status (and why it ended, when it did not succeed)."""
+    from ray.job_submission import JobStatus
 
-    main.add_command(submit_command, "submit")
-    main.add_command(status_command, "status")
-    main.add_command(stop_command, "stop")
+    from pipeline.submit import job_details, job_reason
+
+    details = job_details(address, job_id)
+    click.echo(f"{job_id} {details.status}")
+    click.echo(f"  entrypoint: {details.entrypoint}")
+    if details.status in (JobStatus.FAILED, JobStatus.STOPPED):
+        click.echo(f"  reason: {job_reason(details)}")
 
 
-_register_cluster_commands()
+@main.command("stop")
+@_ADDRESS_OPTION
+@click.argument("job_id")
+def stop_command(address: str, job_id: str) -> None:
+    """Stop a submitted job and wait (up to a minute) until Ray reports it ended."""
+    from pipeline.submit import stop_job
+
+    click.echo(f"{job_id} {stop_job(address, job_id)}")

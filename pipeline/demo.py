@@ -1,7 +1,8 @@
 """`ast-label demo`: a synthetic WebDataset corpus, labelled by the real pipeline, then summarised.
 
 It needs nothing but this package: the corpus comes from pipeline.synthetic, the model is the
-bundled default (ast_model/default, trained on the same kinds of sound), and Ray runs locally.
+bundled default (ast_model/default, trained on the same kinds of sound), and Ray runs on this
+machine (a Ray of its own: RAY_ADDRESS is not read, so a demo never lands on a cluster).
 The corpus has what real corpora have: several shards, long files (several windows), stereo
 44.1 kHz and 22.05 kHz files, WAV and FLAC at 16 and 24 bit, a .json metadata member per sample,
 and two broken files that must come out as error rows.
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
+from ast_model.config import DEFAULT_MODEL
 from pipeline.synthetic import CLASS_NAMES, MAX_DURATION_S, MIN_DURATION_S, generate_clip
 
 if TYPE_CHECKING:  # pipeline.run pulls in Ray Data; writing a corpus or a report does not need it
@@ -202,7 +204,7 @@ def read_labels(labels_dir: str | Path) -> tuple[pa.Table, tuple[str, ...], dict
 def file_results(table: pa.Table, label_names: Sequence[str]) -> list[FileResult]:
     """Folds window rows into one result per (shard, key): the label whose mean score over the
     file's windows is highest, or the file's error. Pure, so it is testable without Ray."""
-    rows = table.select(["shard", "key", "window", "scores", "error"]).to_pylist()
+    rows = table.select(["shard", "key", "window_index", "scores", "error"]).to_pylist()
     by_file: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         by_file.setdefault((Path(row["shard"]).name, row["key"]), []).append(row)
@@ -281,8 +283,7 @@ def format_report(report: DemoReport) -> str:
         lines.append(f"  {result.shard} {result.key}: {result.error}{note}")
     audio_s = summary.audio_hours * 3600
     duckdb_query = (
-        # (not `window`: a reserved word in SQL)
-        "SELECT key, start_s, top_labels[1] AS label, top_scores[1] AS score, error "
+        "SELECT key, window_index, top_labels[1] AS label, top_scores[1] AS score, error "
         f"FROM '{report.labels_dir}/*.parquet' LIMIT 10"
     )
     lines += [
@@ -296,16 +297,17 @@ def format_report(report: DemoReport) -> str:
         "Read them with DuckDB or pandas:",
         f'  python -c "import duckdb; duckdb.sql(\\"{duckdb_query}\\").show()"',
         f"  python -c \"import pandas as pd; print(pd.read_parquet('{report.labels_dir}')"
-        "[['key', 'window', 'top_labels', 'error']].head(10))\"",
+        "[['key', 'window_index', 'top_labels', 'error']].head(10))\"",
     ]
     return "\n".join(lines)
 
 
 def run_demo(
-    output_dir: str | Path, model: str = "default", echo: Callable[[str], None] = print
+    output_dir: str | Path, model: str = DEFAULT_MODEL, echo: Callable[[str], None] = print
 ) -> DemoReport:
     """Writes the corpus to output_dir/corpus, labels it into output_dir/labels with the real
-    pipeline (local Ray unless RAY_ADDRESS says otherwise), and prints the summary."""
+    pipeline on a Ray of this machine's own (whatever RAY_ADDRESS says), and prints the summary."""
+    from pipeline.options import LabelingOptions
     from pipeline.run import RunConfig, run_labeling
 
     output_dir = Path(output_dir).resolve()
@@ -318,7 +320,10 @@ def run_demo(
     labels_dir = output_dir / "labels"
     # overwrite=True: a demo run relabels everything (and may use another --model than the last).
     config = RunConfig(
-        inputs=(str(corpus.directory),), output=str(labels_dir), model=model, overwrite=True
+        inputs=(str(corpus.directory),),
+        output=str(labels_dir),
+        options=LabelingOptions(model=model),
+        overwrite=True,
     )
     summary = run_labeling(config, echo=echo)
     report = build_report(corpus, summary, labels_dir)

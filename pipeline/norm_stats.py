@@ -24,15 +24,15 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, astuple, dataclass, fields
 
-import click
 import numpy as np
 import torch
 
 from ast_model.features import FbankConfig, compute_fbank, num_fbank_frames, pad_waveforms
+from pipeline import defaults
 from pipeline.audio import AudioError, cut_windows, decode_audio
 from pipeline.cluster import init_ray
 from pipeline.errors import UserError
-from pipeline.sources import InputError, WorkUnit, plan_work_units, read_unit_members
+from pipeline.sources import WorkUnit, plan_work_units, read_unit_members
 from pipeline.storage import error_reason, filesystem_for, is_local
 
 # With mean 0 and std 0.5, compute_fbank's normalisation (x - 0) / (2 * 0.5) is the identity:
@@ -63,21 +63,26 @@ class NormStats:
     def save(self, uri: str) -> None:
         """Writes the JSON to a local path or an object-store URI (one PUT)."""
         fs, path = filesystem_for(uri)
-        if is_local(uri):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        fs.pipe_file(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        try:
+            if is_local(uri):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            fs.pipe_file(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        except Exception as error:  # any store's failure: missing bucket, credentials, a folder
+            raise NormStatsError(f"cannot write {uri}: {error_reason(error)}") from None
 
     @classmethod
     def load(cls, uri: str) -> NormStats:
         fs, path = filesystem_for(uri)
         try:
-            data = json.loads(fs.cat_file(path))
+            text = fs.cat_file(path)
         except FileNotFoundError:
             raise NormStatsError(f"norm stats file not found: {uri}") from None
-        except (OSError, UnicodeDecodeError) as error:
+        except Exception as error:  # any store's failure: credentials, endpoint, permissions
             reason = error_reason(error)
             raise NormStatsError(f"cannot read norm stats file {uri}: {reason}") from None
-        except ValueError:
+        try:
+            data = json.loads(text)
+        except ValueError:  # UnicodeDecodeError included
             raise NormStatsError(f"{uri} is not JSON; expected the output of norm-stats") from None
         try:
             stats = cls(
@@ -131,8 +136,8 @@ class FbankMoments:
 
 @dataclass(frozen=True)
 class ReadLimits:
-    max_member_bytes: int = 2 * 1024**3
-    max_duration_s: float = 3600.0
+    max_member_bytes: int = defaults.MAX_MEMBER_BYTES
+    max_duration_s: float = defaults.MAX_DURATION_S
 
 
 def clip_moments(waveform: np.ndarray) -> FbankMoments:
@@ -184,7 +189,7 @@ def _moments_batch(batch: dict[str, np.ndarray], limits: ReadLimits) -> dict[str
 def compute_norm_stats(
     inputs: Sequence[str],
     manifest: str | None = None,
-    files_per_unit: int = 256,
+    files_per_unit: int = defaults.FILES_PER_UNIT,
     limits: ReadLimits | None = None,
     address: str | None = None,
     echo: Callable[[str], None] = print,
@@ -192,7 +197,7 @@ def compute_norm_stats(
     """Plans the inputs into work units and measures them in parallel with Ray Data."""
     import ray
 
-    units = plan_work_units(inputs, manifest, files_per_unit)
+    units = plan_work_units(inputs, manifest, files_per_unit).units
     init_ray(address)
     echo(f"measuring fbank statistics of {len(units)} work units")
     rows = [{"unit": unit.to_json()} for unit in units]
@@ -212,48 +217,3 @@ def compute_norm_stats(
             errors=int(row["errors"]),
         )
     return total.stats([*inputs, *([manifest] if manifest else [])])
-
-
-class _CommandError(click.ClickException):
-    exit_code = 2  # a problem the user can fix: one line, like every ast-label command
-
-
-@click.command("norm-stats")
-@click.argument("inputs", nargs=-1)
-@click.option("--output", "-o", required=True, help="Where to write the JSON: a path or s3:// URI.")
-@click.option("--manifest", help="File listing input URIs: text (one per line), CSV or Parquet.")
-@click.option("--files-per-unit", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--max-duration-s",
-    default=3600.0,
-    show_default=True,
-    type=float,
-    help="Files longer than this are left out (counted as errors).",
-)
-@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join [default: a local Ray].")
-def norm_stats_command(
-    inputs: tuple[str, ...],
-    output: str,
-    manifest: str | None,
-    files_per_unit: int,
-    max_duration_s: float,
-    address: str | None,
-) -> None:
-    """Measure the fbank mean and std of INPUTS (as `ast-label run` takes them) into a JSON file
-    for `ast-label run --norm-stats`."""
-    try:
-        stats = compute_norm_stats(
-            inputs,
-            manifest,
-            files_per_unit,
-            ReadLimits(max_duration_s=max_duration_s),
-            address,
-            echo=lambda line: click.echo(line, err=True),
-        )
-        stats.save(output)
-    except (UserError, InputError) as error:
-        raise _CommandError(str(error)) from None
-    click.echo(
-        f"mean {stats.mean:.6f} std {stats.std:.6f} over {stats.frames} frames of {stats.files} "
-        f"files ({stats.errors} unreadable) -> {output}"
-    )

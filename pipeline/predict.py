@@ -1,75 +1,223 @@
-"""`ast-label predict`: label a handful of files in this process, without Ray."""
+"""`ast-label predict`: the labeling of `ast-label run`, in this process and without Ray.
+
+The inputs are planned into the run's work units (pipeline.sources), and the run's own stages
+(pipeline.stages: `WindowFeatures`, then `Classify`) turn them into window rows with scores, so
+the files, windows and numbers are a run's. Instead of Parquet, each file comes back as one
+`FileLabels`, in plan order: its windows, or the reason it could not be labeled.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ast_model.checkpoint import LoadedModel
-from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
-from ast_model.labels import scores_from_logits, top_k
-from pipeline.audio import cut_windows, decode_audio
-from pipeline.storage import filesystem_for
+from ast_model.checkpoint import load_checkpoint
+from pipeline import rows as R
+from pipeline.errors import UserError
+from pipeline.options import LabelingOptions
+from pipeline.sources import Plan, WorkUnit, plan_work_units
+from pipeline.stages import (
+    Classify,
+    FeatureSettings,
+    WindowFeatures,
+    feature_dtype,
+    resolve_device,
+    top_label_ids,
+)
 
-# predict is for a handful of files; a cap keeps one huge file from exhausting memory.
-MAX_PREDICT_DURATION_S = 3600.0
-
-
-@dataclass
-class Prediction:
-    path: str
-    top_labels: list[str]
-    top_scores: list[float]
-    scores: np.ndarray  # (num_labels,) mean over the file's windows
-    embedding: np.ndarray  # (hidden,) mean over the file's windows
-    windows: int
-
-    def to_json(self, with_scores: bool, with_embedding: bool) -> dict:
-        record: dict = {
-            "path": self.path,
-            "top_labels": self.top_labels,
-            "top_scores": [round(score, 6) for score in self.top_scores],
-            "windows": self.windows,
-        }
-        if with_scores:
-            record["scores"] = self.scores.tolist()
-        if with_embedding:
-            record["embedding"] = self.embedding.tolist()
-        return record
+# JSON scores keep 6 decimals: far below any difference that matters, and lines stay short.
+SCORE_DECIMALS = 6
 
 
-class FilePredictor:
-    def __init__(
-        self, loaded: LoadedModel, fbank_config: FbankConfig | None = None, device: str = "cpu"
-    ):
-        self.loaded = loaded
-        self.fbank_config = fbank_config or FbankConfig.for_model(loaded.config)
-        self.device = torch.device(device)
-        self.model = loaded.model.to(self.device).eval()
-        self.window_s = self.fbank_config.max_length * self.fbank_config.frame_shift_ms / 1000.0
+@dataclass(frozen=True)
+class PredictConfig:
+    inputs: tuple[str, ...]
+    manifest: str | None = None
+    options: LabelingOptions = LabelingOptions()  # the same as `run`'s, with the same checks
 
-    def predict(self, path: str, k: int) -> Prediction:
-        """Raises AudioError (or OSError) when the file cannot be read or decoded."""
-        fs, fs_path = filesystem_for(path)
-        with fs.open(fs_path, "rb") as handle:
-            data = handle.read()
-        audio_format = path.rsplit(".", 1)[-1].lower() if "." in path else None
-        decoded = decode_audio(data, audio_format, MAX_PREDICT_DURATION_S)
-        windows = cut_windows(decoded.waveform, self.window_s)
-        waveforms, lengths = pad_waveforms([window.waveform for window in windows])  # (W, N)
-        with torch.inference_mode():
-            features = compute_fbank(waveforms, lengths, self.fbank_config).to(self.device)
-            output = self.model(features)  # logits (W, C), embedding (W, D)
-            scores = scores_from_logits(output.logits, self.loaded.config.multi_label)
-        mean_scores = scores.mean(dim=0).cpu().numpy()
-        labels, values = top_k(mean_scores[None, :], k, self.loaded.config.id2label)
-        return Prediction(
-            path=path,
-            top_labels=labels[0],
-            top_scores=[float(value) for value in values[0]],
-            scores=mean_scores,
-            embedding=output.embedding.mean(dim=0).cpu().numpy(),
-            windows=len(windows),
+
+@dataclass(frozen=True)
+class WindowLabels:
+    index: int
+    start_s: float
+    end_s: float
+    scores: np.ndarray  # (C,) float32
+    embedding: np.ndarray  # (D,) float32
+
+
+@dataclass(frozen=True)
+class FileLabels:
+    """One input file's outcome: its windows' labels, or the reason it has none."""
+
+    key: str  # the file's URI, or its WebDataset key inside `shard`
+    shard: str | None  # the tar shard's URI for a tar member; None for a plain file
+    duration_s: float = 0.0
+    windows: tuple[WindowLabels, ...] = ()
+    error: str | None = None
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(C,) the mean of the windows' scores: the file's label scores."""
+        return np.mean([window.scores for window in self.windows], axis=0, dtype=np.float64)
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """(D,) the mean of the windows' embeddings."""
+        return np.mean([window.embedding for window in self.windows], axis=0, dtype=np.float64)
+
+
+class Predictor:
+    """The model and the run's stages, built once: checks the options as `run` does, loads the
+    model (CheckpointError when it cannot), then labels work units in this process."""
+
+    def __init__(self, config: PredictConfig):
+        self.config = config
+        options = config.options
+        if not config.inputs and not config.manifest:
+            raise UserError("give at least one INPUT or --manifest")
+        options.check()
+        self.loaded = load_checkpoint(options.model)
+        fbank_config = options.fbank_config(self.loaded)
+        use_gpu = resolve_device(options.device).type == "cuda"
+        self.features = WindowFeatures(
+            options.read_settings(fbank_config),
+            FeatureSettings(
+                fbank_config,
+                feature_dtype(options.precision, use_gpu),
+                options.batch_rows(use_gpu),
+            ),
         )
+        self.classify = Classify(self.loaded, options.device, options.precision, options.top_k)
+        self.label_names: tuple[str, ...] = tuple(self.loaded.config.id2label)
+
+    def plan(self) -> Plan:
+        """The inputs as `run` plans them; raises InputError for a missing input or manifest."""
+        return plan_work_units(self.config.inputs, self.config.manifest)
+
+    def label(self, units: Iterable[WorkUnit]) -> Iterator[FileLabels]:
+        """Each file of the units, in order, as soon as its last window is classified."""
+        units = list(units)
+        by_id = {unit.unit_id: unit for unit in units}
+        current: _FileRows | None = None
+        yielded: set[tuple[str, str]] = set()  # (unit id, key)
+        for batch in self.features.batches(units):
+            batch = self.classify(batch)
+            for row in range(len(batch[R.KEY])):
+                if current is not None and not current.continues(batch, row):
+                    yielded.add((current.unit_id, current.key))
+                    yield current.finish()
+                    current = None
+                unit = by_id[str(batch[R.UNIT_ID][row])]
+                if failure := str(batch[R.UNIT_FAILURE][row]):
+                    # The store failed (after the retries) part-way through the unit: what was
+                    # not read yet ends as errors saying why.
+                    yield from _unread_files(unit, yielded, failure)
+                    continue
+                if current is None:
+                    current = _FileRows(unit, batch, row)
+                current.add(batch, row)
+        if current is not None:
+            yield current.finish()
+
+    def records(
+        self,
+        result: FileLabels,
+        windows: bool = False,
+        scores: bool = False,
+        embedding: bool = False,
+    ) -> list[dict]:
+        """JSON-ready objects: one per file (or per window with `windows`); a failed file is one
+        object with its `error`. `labels` maps the top-k label names to scores, best first."""
+        head: dict = {"key": result.key}
+        if result.shard:
+            head["shard"] = result.shard
+        if result.error is not None:
+            return [{**head, "error": result.error}]
+        if not windows:
+            parts = [({"windows": len(result.windows)}, result.scores, result.embedding)]
+        else:
+            parts = [
+                (
+                    {"window_index": w.index, "start_s": w.start_s, "end_s": w.end_s},
+                    w.scores,
+                    w.embedding,
+                )
+                for w in result.windows
+            ]
+        records = []
+        for fields, values, vector in parts:
+            record = {**head, "duration_s": result.duration_s, **fields}
+            record["labels"] = self._top_labels(values)
+            if scores:
+                record["scores"] = {
+                    name: round(float(value), SCORE_DECIMALS)
+                    for name, value in zip(self.label_names, values, strict=True)
+                }
+            if embedding:
+                record["embedding"] = np.asarray(vector, dtype=np.float32).tolist()
+            records.append(record)
+        return records
+
+    def _top_labels(self, scores: np.ndarray) -> dict[str, float]:
+        top = top_label_ids(np.asarray(scores)[None, :], self.classify.top_k)[0]
+        return {self.label_names[i]: round(float(scores[i]), SCORE_DECIMALS) for i in top}
+
+
+def text_line(record: Mapping) -> str:
+    """A record as one line: `NAME: label 0.912, label 0.034` (a window adds its index and time
+    span), or `NAME: cannot label: reason`."""
+    name = f"{record['shard']} {record['key']}" if "shard" in record else record["key"]
+    if "error" in record:
+        return f"{name}: cannot label: {record['error']}"
+    if "window_index" in record:
+        name += f" [{record['window_index']}] {record['start_s']:.2f}-{record['end_s']:.2f} s"
+    labels = ", ".join(f"{label} {score:.3f}" for label, score in record["labels"].items())
+    return f"{name}: {labels}"
+
+
+class _FileRows:
+    """The rows of one file as they arrive (a file's windows may span batches)."""
+
+    def __init__(self, unit: WorkUnit, batch: Mapping[str, np.ndarray], row: int):
+        self.unit_id = unit.unit_id
+        self.key = str(batch[R.KEY][row])
+        self.shard = unit.sources[0] if unit.kind == "tar" else None
+        self.duration_s = float(batch[R.DURATION_S][row])
+        self.error = str(batch[R.ERROR][row]) or None
+        self.windows: list[WindowLabels] = []
+
+    def continues(self, batch: Mapping[str, np.ndarray], row: int) -> bool:
+        """Whether the row is a further window of this file: every file starts at window 0."""
+        return (
+            int(batch[R.WINDOW_INDEX][row]) > 0
+            and str(batch[R.UNIT_ID][row]) == self.unit_id
+            and str(batch[R.KEY][row]) == self.key
+        )
+
+    def add(self, batch: Mapping[str, np.ndarray], row: int) -> None:
+        if self.error is None:
+            self.windows.append(
+                WindowLabels(
+                    index=int(batch[R.WINDOW_INDEX][row]),
+                    start_s=float(batch[R.START_S][row]),
+                    end_s=float(batch[R.END_S][row]),
+                    scores=batch[R.SCORES][row].copy(),
+                    embedding=batch[R.EMBEDDING][row].copy(),
+                )
+            )
+
+    def finish(self) -> FileLabels:
+        return FileLabels(self.key, self.shard, self.duration_s, tuple(self.windows), self.error)
+
+
+def _unread_files(
+    unit: WorkUnit, yielded: set[tuple[str, str]], reason: str
+) -> Iterator[FileLabels]:
+    if unit.kind == "tar":  # the shard could not be read to its end
+        yield FileLabels(key=unit.sources[0], shard=None, error=reason)
+        return
+    for uri in unit.sources:
+        if (unit.unit_id, uri) not in yielded:
+            yield FileLabels(key=uri, shard=None, error=reason)

@@ -1,4 +1,5 @@
-"""`ast-label submit | status | stop`: run the labeling jobs on a Ray cluster through its Jobs API.
+"""Running ast-label's jobs on a Ray cluster through its Jobs API: what `ast-label submit`,
+`status` and `stop` (pipeline.cli) call. Failures are typed (pipeline.errors), never click's.
 
 The job's code travels as the runtime_env working_dir (this project directory, without the venv,
 git history, caches and big files), so what runs is the code the user has checked out; the cluster
@@ -21,13 +22,13 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import click
+from pipeline.errors import UserError, WorkFailed
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
@@ -61,19 +62,14 @@ ALWAYS_UPLOADED = ("ast_model/default/",)
 
 LOG_POLL_S = 1.0
 STOP_WAIT_S = 60.0
-EXIT_INTERRUPTED = 130
 
 
-class CommandError(click.ClickException):
-    """A problem the user can fix (address, token, job id): one line, exit status 2."""
-
-    exit_code = 2
+class CommandError(UserError):
+    """A problem the user can fix: the cluster's address or token, a job id, the job's name."""
 
 
-class JobEndedBadly(click.ClickException):
-    """The job ran and FAILED or was STOPPED: exit status 1, with the job's own reason."""
-
-    exit_code = 1
+class JobEndedBadly(WorkFailed):
+    """The job ran and FAILED or was STOPPED; the message holds the job's own reason."""
 
 
 @dataclass(frozen=True)
@@ -110,11 +106,11 @@ def _read_token_file(path: Path) -> str:
 def job_entrypoint(job_args: Sequence[str]) -> str:
     """['run', 'in/', '--output', 'o'] -> 'python -m jobs.label in/ --output o' (shell-quoted)."""
     if not job_args:
-        raise click.UsageError(f"name the job after '--': one of {', '.join(JOB_MODULES)}")
+        raise CommandError(f"name the job after '--': one of {', '.join(JOB_MODULES)}")
     command, *arguments = job_args
     module = JOB_MODULES.get(command)
     if module is None:
-        raise click.UsageError(
+        raise CommandError(
             f"unknown job {command!r}: submit one of {', '.join(JOB_MODULES)}, "
             "e.g. ast-label submit --address URL -- run INPUT... --output URI"
         )
@@ -131,15 +127,15 @@ def default_working_dir() -> Path:
     return root
 
 
-def job_runtime_env(working_dir: Path, echo=click.echo) -> dict[str, object]:
-    """A job's runtime_env: the project directory as working_dir, minus what must not travel."""
+def job_runtime_env(working_dir: Path, echo: Callable[[str], None] = print) -> dict[str, object]:
+    """A job's runtime_env: the project directory as working_dir, minus what must not travel.
+    `echo` takes a note per file left behind."""
     working_dir = working_dir.resolve()
     excludes = list(ALWAYS_EXCLUDED)
     for path, size in _big_files(working_dir):
         echo(
             f"not uploading {path} ({size / 1024**2:.0f} MiB): data and models belong in "
-            "object storage, the working directory travels with every job",
-            err=True,
+            "object storage, the working directory travels with every job"
         )
         excludes.append("/" + re.sub(r"([\[\]*?!#\\])", r"\\\1", path))
     return {"working_dir": str(working_dir), "excludes": excludes}
@@ -233,17 +229,11 @@ def _wait_until_done(
         time.sleep(LOG_POLL_S)
 
 
-async def _print_logs(client: JobSubmissionClient, job_id: str) -> None:
+async def _print_logs(
+    client: JobSubmissionClient, job_id: str, write: Callable[[str], None]
+) -> None:
     async for chunk in client.tail_job_logs(job_id):
-        click.echo(chunk, nl=False)
-
-
-def _follow(client: JobSubmissionClient, address: str, job_id: str) -> None:
-    try:
-        asyncio.run(_print_logs(client, job_id))
-    except Exception as error:  # noqa: BLE001 - any stream failure: fall back to polling
-        click.echo(f"log stream interrupted ({error}); waiting for the job to end", err=True)
-    _wait_until_done(client, address, job_id)
+        write(chunk)
 
 
 def job_reason(details: JobDetails) -> str:
@@ -256,46 +246,14 @@ def job_reason(details: JobDetails) -> str:
     return reason
 
 
-def _finish(client: JobSubmissionClient, address: str, job_id: str) -> None:
-    from ray.job_submission import JobStatus
-
-    details = _call(address, job_id, lambda: client.get_job_info(job_id))
-    if details.status == JobStatus.SUCCEEDED:
-        click.echo(f"job {job_id} SUCCEEDED", err=True)
-        return
-    raise JobEndedBadly(f"job {job_id} {details.status}: {job_reason(details)}")
-
-
-ADDRESS_OPTION = click.option(
-    "--address",
-    envvar="RAY_ADDRESS",
-    required=True,
-    metavar="URL",
-    help="The cluster's Jobs API, http://HEAD:8265 (default: $RAY_ADDRESS).",
-)
-
-
-@click.command(
-    "submit",
-    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
-)
-@ADDRESS_OPTION
-@click.option("--no-wait", is_flag=True, help="Print the job id and return without following it.")
-@click.option(
-    "--working-dir",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="The project directory to upload (default: this ast-label checkout).",
-)
-@click.argument("job_args", nargs=-1, type=click.UNPROCESSED)
-def submit_command(
-    address: str, no_wait: bool, working_dir: Path | None, job_args: tuple[str, ...]
-) -> None:
-    """Submit a job to a Ray cluster: ast-label submit --address URL -- run INPUT... --output URI.
-
-    The job is `run` or `norm-stats` with the same arguments as the local command. Follows the
-    job's logs until it ends; exits 0 only when it SUCCEEDED.
-    """
+def submit_job(
+    address: str,
+    job_args: Sequence[str],
+    working_dir: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> tuple[JobSubmissionClient, str]:
+    """Submits `ast-label <job_args>` (run or norm-stats) with this project as its working
+    directory; returns the client and the job id. `echo` takes notes for the user."""
     entrypoint = job_entrypoint(job_args)
     working_dir = working_dir or default_working_dir()
     module = JOB_MODULES[job_args[0]].replace(".", "/") + ".py"
@@ -303,7 +261,7 @@ def submit_command(
         raise CommandError(
             f"{working_dir} has no {module}: pass the ast-label project as --working-dir"
         )
-    runtime_env = job_runtime_env(working_dir)
+    runtime_env = job_runtime_env(working_dir, echo)
     # Ray logs each nested .gitignore it honours and each closing of the log stream at INFO;
     # warnings (a big file, a big package) still show.
     for name in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.job.sdk"):
@@ -313,39 +271,37 @@ def submit_command(
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     except (RuntimeError, ValueError) as error:  # e.g. a working dir over Ray's package limit
         raise CommandError(f"the cluster at {address} refused the job: {error}") from None
-    if no_wait:
-        click.echo(job_id)
-        return
-    click.echo(f"submitted job {job_id}; Ctrl-C stops following it, not the job", err=True)
-    try:
-        _follow(client, address, job_id)
-    except KeyboardInterrupt:
-        click.echo(f"\njob {job_id} keeps running; `ast-label stop {job_id}` ends it", err=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    _finish(client, address, job_id)
+    return client, job_id
 
 
-@click.command("status")
-@ADDRESS_OPTION
-@click.argument("job_id")
-def status_command(address: str, job_id: str) -> None:
-    """Print a submitted job's status (and why it ended, when it did not succeed)."""
+def follow_job(
+    client: JobSubmissionClient,
+    address: str,
+    job_id: str,
+    write: Callable[[str], None],
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Passes the job's logs to `write` until it ends; raises JobEndedBadly unless it
+    SUCCEEDED. KeyboardInterrupt stops the following, never the job."""
     from ray.job_submission import JobStatus
 
-    client = connect(address)
+    try:
+        asyncio.run(_print_logs(client, job_id, write))
+    except Exception as error:  # noqa: BLE001 - any stream failure: fall back to polling
+        echo(f"log stream interrupted ({error}); waiting for the job to end")
+    _wait_until_done(client, address, job_id)
     details = _call(address, job_id, lambda: client.get_job_info(job_id))
-    click.echo(f"{job_id} {details.status}")
-    click.echo(f"  entrypoint: {details.entrypoint}")
-    if details.status in (JobStatus.FAILED, JobStatus.STOPPED):
-        click.echo(f"  reason: {job_reason(details)}")
+    if details.status != JobStatus.SUCCEEDED:
+        raise JobEndedBadly(f"job {job_id} {details.status}: {job_reason(details)}")
 
 
-@click.command("stop")
-@ADDRESS_OPTION
-@click.argument("job_id")
-def stop_command(address: str, job_id: str) -> None:
-    """Stop a submitted job and wait (up to a minute) until Ray reports it ended."""
+def job_details(address: str, job_id: str) -> JobDetails:
+    client = connect(address)
+    return _call(address, job_id, lambda: client.get_job_info(job_id))
+
+
+def stop_job(address: str, job_id: str) -> JobStatus:
+    """Asks Ray to stop the job; returns its status once it ended, or after STOP_WAIT_S."""
     client = connect(address)
     _call(address, job_id, lambda: client.stop_job(job_id))
-    status = _wait_until_done(client, address, job_id, timeout_s=STOP_WAIT_S)
-    click.echo(f"{job_id} {status}")
+    return _wait_until_done(client, address, job_id, timeout_s=STOP_WAIT_S)

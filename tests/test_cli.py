@@ -1,126 +1,241 @@
-"""The `ast-label` command line: predict on real files, and one-line errors before any Ray work."""
+"""The command layer: every command, one line per error a user can fix, one table of exit statuses.
+
+Errors are checked on real inputs (files, the S3 server on 127.0.0.1, a tiny checkpoint), before
+any Ray work; a few run the installed console script and `python -m jobs.*`, as users and Ray
+jobs do.
+"""
 
 from __future__ import annotations
 
-import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import numpy as np
+import click
 import pytest
-import soundfile as sf
 import torch
 from audio_corpus import encode, sine
 from click.testing import CliRunner
-from conftest import TINY_LABELS
+from conftest import free_port
 
-from ast_model.checkpoint import load_checkpoint
-from ast_model.features import FbankConfig, compute_fbank
-from ast_model.labels import scores_from_logits
-from pipeline.cli import main
+from ast_model.checkpoint import CheckpointError
+from pipeline.cli import EXIT_STATUSES, exit_status, main
+from pipeline.errors import Interrupted, RunIncomplete, UserError, WorkFailed
+
+REPO = Path(__file__).resolve().parent.parent
+AST_LABEL = Path(sys.executable).parent / "ast-label"
+# A secret that must never be printed, whatever fails.
+SECRET = "wrong-secret-7f3a9c1e5b"
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error")]
 
 
 @pytest.fixture()
-def clips(tmp_path):
-    files = {
-        "stereo-44k.wav": encode(sine(2.0, sr=44_100, channels=2, freq=300.0), 44_100, "wav"),
-        "tone.flac": encode(sine(1.0, sr=16_000, freq=1_000.0), 16_000, "flac"),
-        "long.ogg": encode(sine(12.0, sr=22_050, freq=700.0), 22_050, "ogg"),
-        "broken.wav": b"this is not audio" * 50,
-    }
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    return tmp_path
+def audio(tmp_path) -> Path:
+    path = tmp_path / "clip.wav"
+    path.write_bytes(encode(sine(1.0), 16_000, "wav"))
+    return path
 
 
-def test_predict_prints_top_labels_per_file_and_reports_unreadable_ones(clips, tiny_hf_checkpoint):
-    names = ["stereo-44k.wav", "broken.wav", "tone.flac"]
-    result = CliRunner().invoke(
-        main,
-        [
-            "predict",
-            *[str(clips / n) for n in names],
-            "--model",
-            str(tiny_hf_checkpoint),
-            "-k",
-            "3",
-        ],
-    )
-    assert result.exit_code == 1
-    lines = result.stdout.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == [
-        str(clips / "stereo-44k.wav"),
-        str(clips / "tone.flac"),
-    ]
-    assert all(len(line.split(": ", 1)[1].split(", ")) == 3 for line in lines)
-    assert "broken.wav: cannot label: cannot decode" in result.stderr
-    assert "Traceback" not in result.output
-
-
-def test_predict_json_scores_equal_the_model_on_the_same_audio(clips, tiny_hf_checkpoint):
-    path = clips / "tone.flac"
-    result = CliRunner().invoke(
-        main,
-        [
-            "predict",
-            str(path),
-            "--model",
-            str(tiny_hf_checkpoint),
-            "--json",
-            "--scores",
-            "--embedding",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    record = json.loads(result.stdout)
-    assert set(record) == {"path", "top_labels", "top_scores", "scores", "embedding", "windows"}
-    loaded = load_checkpoint(str(tiny_hf_checkpoint))
-    # FLAC stores 16-bit samples: compare with the decoded file, not the float sine.
-    decoded, _ = sf.read(path, dtype="float32")
-    wave = torch.from_numpy(decoded)[None, :]
-    with torch.inference_mode():
-        output = loaded.model(
-            compute_fbank(wave, torch.tensor([wave.shape[1]]), FbankConfig.for_model(loaded.config))
-        )
-    expected = scores_from_logits(output.logits, loaded.config.multi_label)[0].numpy()
-    np.testing.assert_allclose(record["scores"], expected, atol=1e-5)
-    assert record["top_labels"][0] == TINY_LABELS[int(np.argmax(expected))]
-    assert len(record["embedding"]) == loaded.config.hidden_size
-
-
-def test_predict_averages_the_windows_of_a_long_file(clips, tiny_hf_checkpoint):
-    result = CliRunner().invoke(
-        main, ["predict", str(clips / "long.ogg"), "--model", str(tiny_hf_checkpoint), "--json"]
-    )
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["windows"] == 2  # 12 s -> 10.24 s + 1.76 s
+def test_help_lists_every_command_and_the_exit_statuses():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("predict", "run", "demo", "norm-stats", "submit", "status", "stop"):
+        assert f"  {command} " in result.output
+    for status, _, meaning in EXIT_STATUSES:
+        assert f"{status:<4} {meaning}" in result.output
 
 
 @pytest.mark.parametrize(
     "arguments, message",
     [
         (["run", "{tmp}/missing/*.tar", "--output", "{tmp}/out"], "missing"),
-        (["run", "{tmp}", "--output", "{tmp}/out", "--model", "{tmp}/no-model"], "no-model"),
-        (["run", "{tmp}", "--output", "{tmp}/out", "--top-k", "0"], "--top-k"),
-        (["run", "{tmp}", "--output", "{tmp}/out", "--precision", "fp8"], "--precision"),
-        (["run", "{tmp}", "--output", "{tmp}/out", "--device", "cuda"], "no usable GPU"),
+        (["run", "{audio}", "--output", "{tmp}/out", "--model", "{tmp}/no-model"], "no-model"),
+        (["run", "{audio}", "--output", "{tmp}/out", "--top-k", "0"], "--top-k"),
+        (["run", "{audio}", "--output", "{tmp}/out", "--precision", "fp8"], "--precision"),
+        (["run", "{audio}", "--output", "{audio}"], "is a file, not a folder"),
+        (["run", "{audio}", "--output", "{tmp}/out", "--window-s", "20"], "longer than the model"),
         (["predict", "{tmp}/x.wav", "--model", "{tmp}/no-model"], "no-model"),
+        (["predict", "{tmp}/x.wav"], "input not found"),
+        (["predict"], "give at least one INPUT or --manifest"),
+        (["predict", "{audio}", "--scores"], "--scores and --embedding go with --json"),
+        (["predict", "{audio}", "--batch-size", "0"], "--batch-size"),
+        (["norm-stats", "{tmp}/missing.wav", "--output", "{tmp}/s.json"], "missing.wav"),
+        (["submit", "--address", "http://127.0.0.1:1", "--", "predict", "x"], "unknown job"),
+        (["submit", "--address", "http://127.0.0.1:1"], "name the job after '--'"),
+        (["status", "--address", "127.0.0.1:8265", "raysubmit_x"], "Jobs API URL"),
     ],
 )
-def test_user_errors_print_one_line_and_exit_non_zero(
-    tmp_path, tiny_hf_checkpoint, arguments, message
+def test_user_errors_print_one_line_and_exit_2(
+    tmp_path, audio, tiny_hf_checkpoint, arguments, message
 ):
-    filled = [a.format(tmp=tmp_path) for a in arguments]
-    if "--model" not in filled:
+    filled = [a.format(tmp=tmp_path, audio=audio) for a in arguments]
+    if filled and filled[0] in ("run", "predict") and "--model" not in filled:
         filled += ["--model", str(tiny_hf_checkpoint)]
     result = CliRunner().invoke(main, filled)
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
-    error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(error_lines) == 1, result.output
+    assert len(error_lines(result.output)) == 1, result.output
 
 
-def test_help_lists_the_commands():
-    result = CliRunner().invoke(main, ["--help"])
-    assert result.exit_code == 0
-    for command in ("predict", "run", "demo", "submit", "status", "stop"):
-        assert command in result.output
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
+@pytest.mark.parametrize("command", ["run", "predict"])
+def test_device_cuda_without_a_gpu_is_one_line(command, tmp_path, audio, tiny_hf_checkpoint):
+    arguments = [command, str(audio), "--device", "cuda", "--model", str(tiny_hf_checkpoint)]
+    if command == "run":
+        arguments += ["--output", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2
+    assert error_lines(result.output) == [
+        "Error: --device cuda: this machine has no usable GPU; use --device cpu or auto"
+    ]
+
+
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (WorkFailed("2 of 5 files could not be labeled"), 1),
+        (UserError("--top-k must be at least 1"), 2),
+        (CheckpointError("model 'x' not found"), 2),
+        (RunIncomplete("3 work units did not commit"), 3),
+        (Interrupted("stopped following job raysubmit_1"), 130),
+        (KeyboardInterrupt(), 130),
+    ],
+)
+def test_every_command_maps_errors_to_one_line_and_the_same_exit_status(error, status):
+    @click.command(cls=main.command_class)
+    def failing() -> None:
+        raise error
+
+    result = CliRunner().invoke(failing)
+    assert result.exit_code == status
+    assert error_lines(result.output) == [f"Error: {str(error) or 'interrupted'}"]
+    if not isinstance(error, KeyboardInterrupt):
+        assert exit_status(error) == status
+
+
+def test_bugs_keep_their_traceback():
+    @click.command(cls=main.command_class)
+    def buggy() -> None:
+        raise ZeroDivisionError("a bug")
+
+    result = CliRunner().invoke(buggy)
+    assert isinstance(result.exception, ZeroDivisionError)
+    assert exit_status(result.exception) is None
+
+
+def test_secret_values_never_appear_in_a_message(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+
+    @click.command(cls=main.command_class)
+    def leaky() -> None:
+        raise UserError(f"the store said: signature {SECRET} does not match")
+
+    result = CliRunner().invoke(leaky)
+    assert result.exit_code == 2
+    assert SECRET not in result.output
+    assert "signature *** does not match" in result.output
+
+
+# --- a model on S3 that cannot be read: the installed command, in a process of its own ---------
+
+
+def s3_environment(endpoint: str, **overrides: str | None) -> dict[str, str]:
+    """The process environment for the S3 server, without any credential file or instance
+    metadata to fall back on; `overrides` set (or, with None, remove) AWS variables."""
+    env = dict(os.environ)
+    env.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_MAX_ATTEMPTS="1",  # an unreachable store fails in seconds, not after 10 tries
+    )
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def ast_label(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(AST_LABEL), *arguments], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing bucket, wrong keys", "not found"),
+        ("no credentials", "no usable credentials"),
+        ("store unreachable", "cannot reach the store"),
+    ],
+)
+def test_unreadable_s3_model_is_one_line_without_secrets(s3_server, audio, case, message):
+    endpoint, keys = (
+        s3_server.endpoint_url,
+        {
+            "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG",
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+        },
+    )
+    if case == "no credentials":
+        keys = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}
+    elif case == "store unreachable":
+        endpoint = f"http://127.0.0.1:{free_port()}"
+    model = "s3://no-such-bucket-for-models/ast"
+    result = ast_label(
+        "predict", str(audio), "--model", model, env=s3_environment(endpoint, **keys)
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: ")
+    assert message in result.stderr and model in result.stderr
+    assert SECRET not in result.stderr
+
+
+def test_run_with_an_s3_model_and_no_credentials_fails_before_ray(s3_server, tmp_path, audio):
+    env = s3_environment(s3_server.endpoint_url, AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None)
+    result = ast_label(
+        "run", str(audio), "--output", str(tmp_path / "out"), "--model", "s3://models/ast", env=env
+    )
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [result.stderr.strip()]
+    assert "no usable credentials" in result.stderr
+    assert "Ray" not in result.stderr and not (tmp_path / "out").exists()
+
+
+# --- the Ray jobs run the same commands --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "module, arguments, message",
+    [
+        ("jobs.label", ["{audio}", "--output", "{audio}"], "is a file, not a folder"),
+        ("jobs.norm_stats", ["{tmp}/nothing.tar", "--output", "{tmp}/s.json"], "nothing.tar"),
+    ],
+)
+def test_ray_job_modules_are_the_same_commands(tmp_path, audio, module, arguments, message):
+    filled = [a.format(tmp=tmp_path, audio=audio) for a in arguments]
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-m", module, *filled],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    usage = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert f"Usage: python -m {module}" in usage.stdout

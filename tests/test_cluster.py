@@ -15,7 +15,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import pyarrow.dataset as pads
 import pytest
 from audio_corpus import encode, tar_bytes
@@ -112,12 +111,12 @@ class LabelingJob:
     result: subprocess.CompletedProcess
     output: str  # s3://... of the run
     gpu_nodes: set[str]
-    actor_nodes: dict[str, set[str]]  # stage class name -> node ids its actors ran on
+    stage_nodes: dict[str, set[str]]  # stage name -> node ids its actors or tasks ran on
 
 
 @pytest.fixture(scope="module")
 def labeling_job(cluster, corpus) -> LabelingJob:
-    """One labeling run submitted like a user would, and where its actors ran."""
+    """One labeling run submitted like a user would, and where its stages ran."""
     output = f"{corpus['bucket']}/labels"
     result = submit(
         cluster,
@@ -129,20 +128,22 @@ def labeling_job(cluster, corpus) -> LabelingJob:
         corpus["model"],
         "--batch-size",
         "4",
-        "--feature-actors",
-        "1",
         "--classifier-actors",
         "1",
     )
     nodes = list_state(cluster, "nodes")
-    actors = list_state(cluster, "actors")  # finished actors stay listed, with their node
+    actors = list_state(cluster, "actors")  # finished actors and tasks stay listed, with a node
+    tasks = list_state(cluster, "tasks")
     return LabelingJob(
         result=result,
         output=output,
         gpu_nodes={n["node_id"] for n in nodes if n["resources_total"].get("GPU", 0) >= 1},
-        actor_nodes={
-            stage: {a["node_id"] for a in actors if f"({stage})" in a["class_name"]}
-            for stage in ("Featurize", "Classify")
+        stage_nodes={
+            "Classify": {a["node_id"] for a in actors if "(Classify)" in a["class_name"]},
+            # The read tasks fetch, decode and compute the fbank: the CPU-heavy stage.
+            "ReadWorkUnitSource": {
+                t["node_id"] for t in tasks if t["name"].startswith("ReadWorkUnitSource")
+            },
         },
     )
 
@@ -161,17 +162,17 @@ def test_labeling_job_runs_from_s3_to_s3_with_classifiers_on_the_gpu_node(labeli
     assert sorted(rows.column("key").to_pylist()) == sorted(
         f"s{s}/clip-{c}" for s in range(2) for c in range(3)
     )
-    assert json.loads(fs.cat(f"{path}/_summary.json"))["files"] == 6
+    assert json.loads(fs.cat(f"{path}/.ast-label/summary.json"))["files"] == 6
 
     assert len(labeling_job.gpu_nodes) == 1
-    assert labeling_job.actor_nodes["Classify"] == labeling_job.gpu_nodes
-    assert labeling_job.actor_nodes["Featurize"]
+    assert labeling_job.stage_nodes["Classify"] == labeling_job.gpu_nodes
+    assert labeling_job.stage_nodes["ReadWorkUnitSource"]
 
 
 @pytest.mark.slow
-def test_feature_actors_stay_off_the_gpu_node(labeling_job):
+def test_read_and_fbank_tasks_stay_off_the_gpu_node(labeling_job):
     assert labeling_job.result.returncode == 0
-    assert labeling_job.actor_nodes["Featurize"].isdisjoint(labeling_job.gpu_nodes)
+    assert labeling_job.stage_nodes["ReadWorkUnitSource"].isdisjoint(labeling_job.gpu_nodes)
 
 
 @pytest.mark.slow
@@ -286,7 +287,7 @@ def test_job_args_become_a_shell_quoted_module_entrypoint():
     assert job_entrypoint(["norm-stats", "x.tar", "-o", "s.json"]) == (
         "python -m jobs.norm_stats x.tar -o s.json"
     )
-    with pytest.raises(click.UsageError, match="unknown job 'predict'"):
+    with pytest.raises(CommandError, match="unknown job 'predict'"):
         job_entrypoint(["predict", "a.wav"])
 
 

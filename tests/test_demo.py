@@ -122,7 +122,8 @@ def _rows(label_names: tuple[str, ...]) -> pa.Table:
 
     def row(shard: str, key: str, window: int, scores: list[float] | None, error: str | None):
         return {
-            "shard": f"/corpus/{shard}", "key": key, "window": window, "start_s": 10.24 * window,
+            "shard": f"/corpus/{shard}", "key": key, "window_index": window,
+            "start_s": 10.24 * window,
             "end_s": 10.24 * (window + 1), "duration_s": 12.0, "sample_rate": 16000,
             "embedding": None if error else [0.0] * 4, "scores": scores, "top_labels": [],
             "top_scores": [], "metadata": None, "error": error,

@@ -12,8 +12,9 @@ import torchaudio
 from audio_corpus import encode, write_tar_shard
 from click.testing import CliRunner
 
+from pipeline.cli import norm_stats_command
 from pipeline.errors import UserError
-from pipeline.norm_stats import NormStats, NormStatsError, compute_norm_stats, norm_stats_command
+from pipeline.norm_stats import NormStats, NormStatsError, compute_norm_stats
 
 WINDOW_SAMPLES = 163_840  # 10.24 s at 16 kHz: the model's input, as the pipeline cuts windows
 MIN_WINDOW_SAMPLES = 400  # one 25 ms frame
@@ -143,3 +144,12 @@ def test_norm_stats_command_writes_json_and_reports_missing_input(ray_local, cor
     assert result.exit_code == 2
     assert str(missing) in result.output
     assert "Traceback" not in result.output
+
+
+def test_unwritable_norm_stats_output_fails_with_one_clear_line(s3_server, tmp_path):
+    (tmp_path / "a-file").write_text("in the way")
+    stats = NormStats(mean=-3.5, std=4.25)
+    for uri in (str(tmp_path / "a-file" / "stats.json"), "s3://no-such-bucket-here/stats.json"):
+        with pytest.raises(NormStatsError, match="cannot write") as raised:
+            stats.save(uri)
+        assert uri in str(raised.value) and "\n" not in str(raised.value)
