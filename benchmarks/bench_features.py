@@ -32,6 +32,20 @@ def make_clips(count: int, seconds: float) -> np.ndarray:
     return clips.astype(np.float32)
 
 
+def batched_fbank(
+    waveforms: torch.Tensor, lengths: torch.Tensor, batch: int, config: FbankConfig
+) -> torch.Tensor:
+    """(B, N) clips and (B,) lengths -> (B, T, F) fbank, computed `batch` clips at a time (as a
+    feature actor sees them) on the waveforms' device."""
+    with torch.inference_mode():
+        return torch.cat(
+            [
+                compute_fbank(waveforms[i : i + batch], lengths[i : i + batch], config)
+                for i in range(0, len(waveforms), batch)
+            ]
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=64)
@@ -56,9 +70,8 @@ def main() -> None:
     batches = [slice(i, i + args.batch) for i in range(0, args.clips, args.batch)]
     extractor = ASTFeatureExtractor()
 
-    def ours(device: str = "cpu") -> list[torch.Tensor]:
-        w, n = waveforms.to(device), lengths.to(device)
-        return [compute_fbank(w[b], n[b], config) for b in batches]
+    def ours(device: str = "cpu") -> torch.Tensor:
+        return batched_fbank(waveforms.to(device), lengths.to(device), args.batch, config)
 
     def torchaudio_per_clip() -> None:
         for clip in waveforms:
@@ -84,7 +97,7 @@ def main() -> None:
         f"{args.clips} clips of {args.seconds:g} s, batch {args.batch}, "
         f"{torch.get_num_threads()} torch threads, best of {args.repeats}"
     )
-    difference = max(float(np.abs(o.numpy() - r).max()) for o, r in zip(ours(), hf(), strict=True))
+    difference = float(np.abs(ours().numpy() - np.concatenate(hf())).max())
     print(f"max |ours - ASTFeatureExtractor| = {difference:.2e} (contract: <= 1e-4)")
 
     rates = {

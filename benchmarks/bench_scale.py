@@ -103,9 +103,7 @@ def time_to_first_read(pattern: str, output: Path, model: Path) -> tuple[float, 
     return seen, peak
 
 
-def finished_output(
-    pattern: str, shards: Path, count: int, output: Path, model: Path
-) -> None:
+def finished_output(pattern: str, shards: Path, count: int, output: Path, model: Path) -> None:
     """One real run on one shard for a genuine marker, then that marker cloned for every shard."""
     first = shards / "shard-000000.tar"
     subprocess.run(
@@ -176,12 +174,16 @@ def main() -> None:
         gib = 2**30
         print(f"{args.shards} tar shards (empty files), local disk; targets: <= 60 s, <= 1 GiB")
         print(f"plan: brace range {plan_brace:.1f} s, glob {plan_glob:.1f} s")
-        print(f"start -> first read task running: {first_read:.1f} s; driver peak RSS "
-              f"{first_rss / gib:.2f} GiB")
-        print(f"rerun of a finished output: {rerun:.1f} s with the markers' index, "
-              f"{rerun_cold:.1f} s without it (every marker read; the index is then rewritten: "
-              f"{rerun_again:.1f} s the time after); driver peak RSS "
-              f"{max(rerun_rss, cold_rss) / gib:.2f} GiB")
+        print(
+            f"start -> first read task running: {first_read:.1f} s; driver peak RSS "
+            f"{first_rss / gib:.2f} GiB"
+        )
+        print(
+            f"rerun of a finished output: {rerun:.1f} s with the markers' index, "
+            f"{rerun_cold:.1f} s without it (every marker read; the index is then rewritten: "
+            f"{rerun_again:.1f} s the time after); driver peak RSS "
+            f"{max(rerun_rss, cold_rss) / gib:.2f} GiB"
+        )
         print(f"  it said: {said}")
         assert "0 to label" in said and "0 to label" in said_cold, (said, said_cold)
         assert (root / "done" / META_DIR).is_dir()
