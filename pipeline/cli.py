@@ -163,6 +163,16 @@ _LABELING_OPTIONS = (
 )
 
 
+def _files_per_unit_option(text: str):
+    return click.option(
+        "--files-per-unit",
+        default=defaults.FILES_PER_UNIT,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help=text,
+    )
+
+
 def _labeling_options(command):
     for option in reversed(_LABELING_OPTIONS):
         command = option(command)
@@ -214,13 +224,7 @@ def predict_command(inputs, windows, as_json, scores, embedding, **options) -> N
     type=int,
     help="Model actors [default: one per GPU; on CPU one per 8 CPUs].",
 )
-@click.option(
-    "--files-per-unit",
-    default=defaults.FILES_PER_UNIT,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Plain audio files grouped per output file.",
-)
+@_files_per_unit_option("Plain audio files grouped per output file.")
 @click.option(
     "--overwrite", is_flag=True, help="Delete this output's earlier results and start again."
 )
@@ -275,13 +279,7 @@ def demo_command(output: Path, model: str) -> None:
 @click.argument("inputs", nargs=-1)
 @click.option("--output", "-o", required=True, help="Where to write the JSON: a path or s3:// URI.")
 @click.option("--manifest", help="File listing input URIs: text (one per line), CSV or Parquet.")
-@click.option(
-    "--files-per-unit",
-    default=defaults.FILES_PER_UNIT,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Plain audio files measured per task.",
-)
+@_files_per_unit_option("Plain audio files measured per task.")
 @click.option(
     "--max-duration-s",
     default=defaults.MAX_DURATION_S,
