@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+IDLE_WORKER_MS = 60_000
+
 
 def init_ray(address: str | None, verbose: bool = False) -> None:
     """Joins the cluster at `address`, or starts a Ray of this machine's own. Unless verbose,
@@ -17,9 +19,13 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     # OpenMP threads that finish their share of an op spin for a while before sleeping. With
     # the fbank tasks and the classifier sharing cores, that spinning burned more CPU than the
     # model itself (4.7 -> 18 ms per clip for a 2-thread forward beside a busy core). Workers
-    # inherit this from the driver in local mode; cluster nodes get it from `ray start`'s
-    # environment (cluster.yaml) or the job's runtime env (ast-label submit).
+    # inherit this from the driver in local mode; cluster nodes from `ray start` (cluster.yaml).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Ray ends a worker that sits idle for 1 s (above a soft limit of one per CPU) and starts a
+    # new one for the next task: with read tasks, commits and Ray Data's own actors taking turns
+    # on few CPUs, workers were ended and started over and over, each start 2 CPU-s of imports
+    # (torch). Idle workers now live a minute. Read by the raylet that this process starts.
+    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", str(IDLE_WORKER_MS))
     quiet = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
     if address:
         # Inside a Ray job RAY_ADDRESS names the job's cluster (the CLI reads it into --address).

@@ -17,11 +17,12 @@ stage and the writer refer to these names; nothing else crosses a process bounda
         unit_failure  object str   why the whole unit must not commit (storage, not data); ""
         unit_rows     int32        0, except on a unit's last row: the unit's row count
         fbank         (B, T, F)    normalised log-mel in the classifier's input dtype (see below)
-    classify (Classify actors) drops fbank and adds
-        embedding     (B, D) float32   pooled output; zeros on rows that are not ok
-        scores        (B, C) float32   sigmoid or softmax; zeros on rows that are not ok
+    classify (Classify, in the classifier actors) drops fbank and adds
+        embedding     (B, D) float32   pooled output; zeros on rows that are not labeled
+        scores        (B, C) float32   sigmoid or softmax; zeros on rows that are not labeled
         top_index     (B, k) int32     label ids by descending score
-    write (write_staging_parts tasks) turns a batch into staged Parquet and returns records
+    stage (write_staging_parts, in the same actors) writes the batch as staged Parquet parts and
+    returns one record per unit in it, which is all that reaches the driver
         unit_id, part_uri, rows, unit_rows, unit_failure   (see pipeline.output)
 
 Null strings travel as "": a block whose values were all None would get Arrow's null type, come

@@ -26,7 +26,7 @@ from pipeline.output import (
     commit_unit,
     remove_staging,
     write_index,
-    write_staging_parts,
+    write_labels_table,
     write_stats,
     write_summary,
 )
@@ -40,6 +40,8 @@ from pipeline.storage import error_reason
 # COMMIT_CPUS CPUs of the cluster (at least 2): enough to keep up with the stream, few enough that
 # Ray reuses idle workers instead of starting a process (2 CPU-s of imports) per commit.
 COMMIT_CPUS = 4
+# Batches a GPU classifier actor works on at once (see _labeling_graph).
+GPU_CALLS_PER_CLASSIFIER = 2
 # A block holds one model batch of fbank plus its rows' other columns (a few KB).
 BLOCK_SLACK_BYTES = 1 << 20
 # Restarts of a classifier actor on a cluster (nodes come and go); none in local mode.
@@ -132,6 +134,7 @@ def run_labeling(
         spec.model_fingerprint,
         config.overwrite,
     )
+    write_labels_table(config.output, spec.label_names)
     todo = [unit for unit in plan.units if unit.unit_id not in resume.committed]
     echo(
         f"{len(plan.units)} work units: {len(plan.units) - len(todo)} already committed, "
@@ -218,16 +221,16 @@ def _label_units(
 def _labeling_graph(units, read, features, model, spec, config, placement):
     """The Ray Data graph:
 
-        WorkUnitSource   read tasks    fetch, decode, window, fbank (B, T, F) in the model's dtype
-        Classify         actor pool    batched AST (GPU or CPU) -> embedding, scores, top-k
-        stage parts      tasks         Parquet parts under .ast-label/staging/<unit>/
+        WorkUnitSource    read tasks   fetch, decode, window, fbank (B, T, F) in the model's dtype
+        ClassifyAndStage  actor pool   batched AST (GPU or CPU) -> embedding, scores, top-k,
+                                       written as Parquet parts under .ast-label/staging/<unit>/
 
     The driver then commits each unit once all of its rows are staged (see _label_units).
     """
     import ray
 
     from pipeline.datasource import WorkUnitSource
-    from pipeline.stages import Classify
+    from pipeline.stages import ClassifyAndStage
 
     # Ray Data gathers a task's output into blocks of up to target_max_block_size (128 MiB):
     # a whole read task's fbank would move as one late block. One model batch per block keeps
@@ -235,8 +238,8 @@ def _labeling_graph(units, read, features, model, spec, config, placement):
     batch_bytes = features.batch_rows * features.fbank.max_length * features.fbank.num_mel_bins
     batch_bytes *= np.dtype(FEATURE_DTYPES[features.dtype]).itemsize
     ray.data.DataContext.get_current().target_max_block_size = batch_bytes + BLOCK_SLACK_BYTES
-    # With GPUs in the cluster the CPU stages use Ray's default scheduling, which keeps CPU-only
-    # work off GPU nodes while others fit (Ray Data would otherwise spread them over all nodes).
+    # With GPUs in the cluster the read tasks use Ray's default scheduling, which keeps them off
+    # GPU nodes while others fit (Ray Data would otherwise spread them over all nodes).
     cpu_stage = {"scheduling_strategy": "DEFAULT"} if placement.use_gpu else {}
     source = WorkUnitSource(units, read, features, placement.cpus)
     dataset = ray.data.read_datasource(
@@ -247,12 +250,16 @@ def _labeling_graph(units, read, features, model, spec, config, placement):
         override_num_blocks=source.read_task_count,
         **cpu_stage,
     )
+    # On a GPU two batches in flight per actor: one computes while the other's parts go up to
+    # the store. On a CPU the model's threads already fill the cores.
+    calls = GPU_CALLS_PER_CLASSIFIER if placement.use_gpu else 1
     with warnings.catch_warnings():
         # max_restarts has no named parameter in Ray 2.60; passing it as a remote arg warns.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        dataset = dataset.map_batches(
-            Classify,
+        return dataset.map_batches(
+            ClassifyAndStage,
             fn_constructor_args=(
+                spec,
                 model,
                 # "auto" resolves in the actor: a node may advertise a GPU torch cannot use.
                 config.options.device if placement.use_gpu else "cpu",
@@ -263,7 +270,11 @@ def _labeling_graph(units, read, features, model, spec, config, placement):
             batch_size=features.batch_rows,
             batch_format="numpy",
             zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(size=placement.classifier_actors),
+            compute=ray.data.ActorPoolStrategy(
+                size=placement.classifier_actors,
+                max_concurrent_calls_per_actor=calls,
+                enable_true_multi_threading=calls > 1,
+            ),
             num_gpus=1 if placement.use_gpu else 0,
             num_cpus=1,
             # Ray Data restarts a dead actor forever by default, so a batch that kills its
@@ -272,14 +283,6 @@ def _labeling_graph(units, read, features, model, spec, config, placement):
             # (Any restart also makes Ray log an error-level line at every actor start.)
             max_restarts=CLUSTER_ACTOR_RESTARTS if config.address else 0,
         )
-    return dataset.map_batches(
-        write_staging_parts,
-        fn_kwargs={"spec": spec},
-        batch_size=None,  # one part per model batch: no re-batching copies, units commit early
-        batch_format="numpy",
-        num_cpus=0.25,
-        **cpu_stage,
-    )
 
 
 def _placement(config: RunConfig) -> Placement:

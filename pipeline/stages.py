@@ -5,7 +5,8 @@ stage), predict.py runs them in this process.
 - `WindowFeatures`: work units -> window rows with their fbank. Fetch, decode, resample, window and
   fbank happen in one process, so a waveform never crosses a process boundary; what leaves is a
   fixed-shape (B, T, F) tensor in the classifier's input dtype, B = the classifier's batch size.
-- `Classify`: fbank -> pooled embedding, label scores and top-k, one model per actor.
+- `Classify`: fbank -> pooled embedding, label scores and top-k, one model per actor;
+  `ClassifyAndStage` also writes the results as staging parts, in the same process.
 
 Heavy state (the model, resamplers, the mel filterbank, filesystems) is built once per process,
 never per batch. Per-clip failures never raise: they travel as rows whose `error` column holds the
@@ -29,6 +30,7 @@ from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
 from ast_model.labels import scores_from_logits
 from pipeline import rows as R
 from pipeline.audio import AudioError, cut_windows, decode_audio
+from pipeline.output import OutputSpec, write_staging_parts
 from pipeline.sources import Member, WorkUnit, read_unit_members
 from pipeline.storage import StorageError, error_reason
 
@@ -268,6 +270,20 @@ class Classify:
             output = self.model(inputs)
         scores = scores_from_logits(output.logits.float(), self.multi_label)
         return output.embedding.float().cpu().numpy(), scores.cpu().numpy()
+
+
+class ClassifyAndStage:
+    """The classifier actors' stage on Ray: Classify a batch, then write its rows as staging parts
+    (pipeline.output.write_staging_parts) from the same process; only the small records of the
+    parts leave it. Results never cross a process boundary, and no process is started per write:
+    separate write tasks cost a worker start (2 CPU-s of imports) for each burst of parts."""
+
+    def __init__(self, spec: OutputSpec, *classify_args):
+        self.classify = Classify(*classify_args)
+        self.spec = spec
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return write_staging_parts(self.classify(batch), self.spec)
 
 
 def top_label_ids(scores: np.ndarray, k: int) -> np.ndarray:

@@ -14,10 +14,11 @@ from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
 from ast_model.labels import scores_from_logits
 from pipeline import rows as R
 from pipeline.audio import cut_windows, decode_audio
-from pipeline.output import CommitTracker, OutputSpec, commit_unit, write_staging_parts
+from pipeline.output import CommitTracker, OutputSpec, commit_unit
 from pipeline.sources import WorkUnit, tar_unit_id
 from pipeline.stages import (
     Classify,
+    ClassifyAndStage,
     FeatureSettings,
     ReadSettings,
     WindowFeatures,
@@ -148,7 +149,7 @@ def test_bf16_features_give_exactly_what_autocast_gives_on_fp32_features(
     np.testing.assert_array_equal(classify(bf16)[R.SCORES], classify(fp32)[R.SCORES])
 
 
-def test_writer_and_commit_turn_classified_batches_into_one_sorted_file(
+def test_classifier_stage_and_commit_turn_read_batches_into_one_sorted_file(
     shard_unit, tiny_hf_checkpoint, tmp_path
 ):
     unit, _ = shard_unit
@@ -160,11 +161,13 @@ def test_writer_and_commit_turn_classified_batches_into_one_sorted_file(
         loaded.config.num_labels,
         {"label_names": list(loaded.config.id2label)},
     )
-    classify = Classify(loaded, "cpu", "fp32", top_k=2)
+    stage = ClassifyAndStage(spec, loaded, "cpu", "fp32", 2)  # what the Ray actors run
     tracker = CommitTracker()
     completed = []
     for batch in WindowFeatures(READ, FeatureSettings(CONFIG, "float32", 4)).batches([unit]):
-        completed += tracker.add(write_staging_parts(classify(batch), spec))
+        records = stage(batch)
+        assert set(records) == {"unit_id", "part_uri", "rows", "unit_rows", "unit_failure"}
+        completed += tracker.add(records)
     (done,) = completed
     marker = commit_unit(spec, done.unit_id, unit.sources, done.part_uris, done.rows)
 
