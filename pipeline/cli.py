@@ -313,6 +313,54 @@ def norm_stats_command(inputs, output, manifest, files_per_unit, max_duration_s,
 # registered here, as one `@main.command("inspect")` function like the ones above.
 
 
+@main.command("inspect")
+@click.argument("output")
+@click.option("--label", "-l", help="Show the files where this label scores at least --min-score.")
+@click.option(
+    "--min-score",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="With --label: the score a window must reach (the max over a file's windows counts).",
+)
+@click.option(
+    "--top",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Rows shown per table (0: all).",
+)
+@click.option(
+    "--plot",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the label distribution and long files' timelines: FILE.png (.svg, .pdf), "
+    "or FILE.html for a report with the tables. Needs the plot extra (matplotlib).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout instead of text.")
+def inspect_command(
+    output: str, label: str | None, min_score: float, top: int, plot: Path | None, as_json: bool
+) -> None:
+    """Counts, label distribution and label queries of an output folder or URI (s3://...)."""
+    from pipeline.inspect import TIMELINE_FILES, format_inspection, inspect_output, inspection_json
+
+    if plot is not None:
+        from pipeline.plots import check_plot_path
+
+        check_plot_path(plot)  # before reading the whole output
+    inspection = inspect_output(
+        output, label, min_score, timelines=TIMELINE_FILES if plot is not None else 0
+    )
+    if as_json:
+        click.echo(json.dumps(inspection_json(inspection, top)))
+    else:
+        click.echo(format_inspection(inspection, top))
+    if plot is not None:
+        from pipeline.plots import write_plot
+
+        _note(f"wrote {write_plot(inspection, plot, top)}")
+
+
 # --- a Ray cluster's Jobs API (pipeline.submit) ---------------------------------------------------
 
 _ADDRESS_OPTION = click.option(

@@ -8,6 +8,7 @@ Layout under the output URI OUT:
     OUT/.ast-label/index.jsonl.gz                   every marker of the output, in one file
     OUT/.ast-label/summary.json                     the last run's summary
     OUT/.ast-label/ray-data-stats.txt               the last run's per-stage times (Ray Data)
+    OUT/.ast-label/labels.csv                       index,name of every label: for SQL queries
 
 Only the data sits at the top, so every Parquet reader takes OUT as it is (pyarrow.dataset,
 pandas, DuckDB's `OUT/*.parquet`, Ray, Hugging Face `datasets`): they all skip hidden folders.
@@ -26,6 +27,7 @@ per 1000 on S3), takes the fields of those older than the index from it, and rea
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
 import hashlib
 import io
@@ -74,6 +76,8 @@ COMMITS_DIR = f"{META_DIR}/commits"
 INDEX_NAME = f"{META_DIR}/index.jsonl.gz"
 SUMMARY_NAME = f"{META_DIR}/summary.json"
 STATS_NAME = f"{META_DIR}/ray-data-stats.txt"
+# `index,name`, one row per label in score order (index 0-based; SQL lists are 1-based).
+LABELS_TABLE_NAME = f"{META_DIR}/labels.csv"
 MARKER_VERSION = 2
 
 # S3 part size for final files: files under twice this go up in one PUT, bigger ones as a multipart
@@ -517,18 +521,32 @@ def _parquet_bytes(table: pa.Table, spec: OutputSpec) -> bytes:
 
 def check_output_writable(output_uri: str) -> None:
     """Fails fast, before any Ray work, when results could not be written: a file where the
-    folder should be, a missing bucket, no write access, no credentials. Writes a small probe
-    object under the output's hidden folder and deletes it again."""
+    folder should be, a missing bucket, no write or delete access, no credentials. Writes a small
+    probe object under the output's hidden folder and deletes it again.
+
+    A missing bucket or a denied access fails at once; a fault of the store (5xx, a dropped
+    connection) is retried as every write is, then reported the same way.
+    """
     fs, root = filesystem_for(output_uri)
     if _is_local(fs) and os.path.exists(root) and not os.path.isdir(root):
         raise OutputError(f"--output {output_uri} is a file, not a folder: give a folder or URI")
     probe = posixpath.join(root, META_DIR, f"probe-{uuid.uuid4().hex}")
     try:
-        _put(fs, probe, b"ast-label write probe", policy_attempts=1)
-        fs.rm_file(probe)
-    except Exception as error:
-        cause = error.__cause__ if isinstance(error, StorageError) else error
-        raise OutputError(f"cannot write to {output_uri}: {_output_problem(cause)}") from None
+        _put(fs, probe, b"ast-label write probe")
+    except StorageError as error:
+        # A write whose answer was lost may have happened all the same.
+        with contextlib.suppress(Exception):
+            fs.rm_file(probe)
+        raise OutputError(
+            f"cannot write to {output_uri}: {_output_problem(error.__cause__)}"
+        ) from None
+    try:
+        with_retries(lambda: fs.rm_file(probe), f"cannot delete {probe}")
+    except StorageError as error:
+        raise OutputError(
+            f"cannot delete from {output_uri} (runs remove their staged parts): "
+            f"{_output_problem(error.__cause__)}"
+        ) from None
     if _is_local(fs):
         _remove_if_empty(fs, posixpath.join(root, META_DIR))
 
@@ -543,7 +561,7 @@ def _output_problem(error: BaseException | None) -> str:
         or "accessdenied" in lowered
         or "access denied" in lowered
     ):
-        return f"access denied ({text}); check the credentials' write permission on this prefix"
+        return f"access denied ({text}); check the credentials' permissions on this prefix"
     if "credentials" in lowered:
         return (
             f"no usable AWS credentials ({text}); set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
@@ -694,6 +712,23 @@ def write_summary(output_uri: str, summary: Mapping[str, Any]) -> None:
         posixpath.join(root, SUMMARY_NAME),
         json.dumps(summary, indent=2, sort_keys=True).encode(),
     )
+
+
+def labels_table_csv(label_names: Sequence[str]) -> bytes:
+    """`index,name` CSV, one row per label in score order; names quoted where CSV needs it."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["index", "name"])
+    writer.writerows(enumerate(label_names))
+    return text.getvalue().encode()
+
+
+def write_labels_table(output_uri: str, label_names: Sequence[str]) -> str:
+    """Writes OUT/.ast-label/labels.csv, the same names as every file's metadata, so that a query
+    can find a label's index in `scores` by name (`scores[index + 1]` in SQL). Returns its URI."""
+    fs, root = filesystem_for(output_uri)
+    _put(fs, posixpath.join(root, LABELS_TABLE_NAME), labels_table_csv(label_names))
+    return join_uri(output_uri, LABELS_TABLE_NAME)
 
 
 def write_stats(output_uri: str, text: str) -> None:

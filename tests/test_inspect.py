@@ -1,0 +1,468 @@
+"""`ast-label inspect` and pipeline.inspect: counts, label queries with times, plots, s3:// outputs,
+and a 100k-row output, on outputs written here in the pipeline's own schema (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.errors import UserError
+from pipeline.inspect import (
+    InspectError,
+    LabelQuery,
+    UnknownLabel,
+    duckdb_label_query,
+    files_with_label,
+    format_inspection,
+    inspect_output,
+    inspection_json,
+    reduce_unit,
+    resolve_label,
+)
+from pipeline.output import COMMITS_DIR, OutputSpec, write_labels_table
+from pipeline.storage import filesystem_for
+
+LABELS = ("Speech", "Dog", "Bark", "Music", "Silence")
+
+
+@dataclass
+class Row:
+    """One output row; `scores` by label name, the rest 0."""
+
+    shard: str
+    key: str
+    window: int
+    start_s: float
+    end_s: float
+    duration_s: float
+    scores: dict[str, float] | None = None
+    error: str | None = None
+
+
+def spec_for(label_names, hidden: int = 4) -> OutputSpec:
+    return OutputSpec(
+        output_uri="/unused",
+        run_id="test",
+        hidden_size=hidden,
+        num_labels=len(label_names),
+        file_metadata={
+            "model": "test-model",
+            "weights_sha256": "0" * 64,
+            "label_names": list(label_names),
+            "multi_label": True,
+        },
+    )
+
+
+def write_unit(output_uri: str, unit_id: str, table: pa.Table, marker: bool = True) -> None:
+    """A unit file at the top of the output and (unless marker=False) its commit marker."""
+    fs, root = filesystem_for(output_uri)
+    fs.makedirs(posixpath.join(root, COMMITS_DIR), exist_ok=True)
+    with fs.open(posixpath.join(root, f"{unit_id}.parquet"), "wb") as handle:
+        pq.write_table(table, handle, compression="zstd")
+    if marker:
+        fs.pipe_file(
+            posixpath.join(root, COMMITS_DIR, f"{unit_id}.json"),
+            json.dumps({"unit_id": unit_id}).encode(),
+        )
+
+
+def rows_table(rows: list[Row], label_names=LABELS, hidden: int = 4) -> pa.Table:
+    spec = spec_for(label_names, hidden)
+    records = []
+    for row in rows:
+        scores = None
+        if row.error is None:
+            scores = [float((row.scores or {}).get(name, 0.0)) for name in label_names]
+        records.append(
+            {
+                "shard": row.shard,
+                "key": row.key,
+                "window_index": row.window,
+                "start_s": row.start_s,
+                "end_s": row.end_s,
+                "duration_s": row.duration_s,
+                "sample_rate": 16000,
+                "embedding": None if row.error else [0.0] * hidden,
+                "scores": scores,
+                "top_labels": None if row.error else [],
+                "top_scores": None if row.error else [],
+                "metadata": None,
+                "error": row.error,
+            }
+        )
+    return pa.Table.from_pylist(records, schema=spec.schema)
+
+
+def long_file(shard: str, key: str, dog: list[float], hop: float = 10.0, window: float = 10.0):
+    """A file of len(dog) windows with the given Dog scores (Speech gets the rest)."""
+    duration = hop * (len(dog) - 1) + window
+    return [
+        Row(shard, key, i, i * hop, min(duration, i * hop + window), duration,
+            {"Dog": score, "Speech": 1.0 - score})
+        for i, score in enumerate(dog)
+    ]  # fmt: skip
+
+
+@pytest.fixture()
+def small_output(tmp_path):
+    """Two units: tar shard members, a long file where Dog comes and goes, a file with overlapping
+    windows, error rows with two reasons, a key duplicated in another shard."""
+    out = str(tmp_path / "out")
+    tar_a, tar_b = "s3://corpus/shard-000000.tar", "s3://corpus/shard-000001.tar"
+    unit_a = [
+        *long_file(tar_a, "walk", [0.1, 0.9, 0.8, 0.2, 0.7, 0.1]),  # 60 s
+        Row(tar_a, "quiet", 0, 0.0, 4.0, 4.0, {"Silence": 0.95}),
+        Row(tar_a, "broken", 0, 0.0, 0.0, 0.0, error="cannot decode .wav: not audio"),
+    ]
+    unit_b = [
+        Row(tar_b, "walk", 0, 0.0, 8.0, 8.0, {"Dog": 0.6, "Bark": 0.4}),  # same key, other tar
+        # hop 5 s, window 10 s: windows 0-10, 5-15, 10-20, 15-25, 20-30 overlap
+        *long_file(tar_b, "overlap", [0.9, 0.95, 0.3, 0.3, 0.9], hop=5.0),
+        Row(tar_b, "empty", 0, 0.0, 0.0, 0.0, error="empty file"),
+        Row(tar_b, "empty2", 0, 0.0, 0.0, 0.0, error="empty file"),
+    ]
+    write_unit(out, "shard-000000", rows_table(unit_a))
+    write_unit(out, "shard-000001", rows_table(unit_b))
+    return out
+
+
+def test_counts_error_reasons_and_files_per_top_label(small_output):
+    inspection = inspect_output(small_output)
+    assert inspection.counts == {
+        "unit_files": 2,
+        "files": 7,  # "walk" in two shards counts twice
+        "labeled_files": 4,
+        "files_with_errors": 3,
+        "windows": 6 + 1 + 1 + 5,
+        "error_rows": 3,
+        "audio_hours": pytest.approx((60 + 4 + 8 + 30) / 3600),
+    }
+    assert inspection.error_reasons == {"empty file": 2, "cannot decode .wav: not audio": 1}
+    # A file's top label is the highest mean over its windows: "walk" in shard 0 has Dog 0.467 <
+    # Speech 0.533; "overlap" has Dog 0.67.
+    assert inspection.label_distribution() == [("Dog", 2), ("Speech", 1), ("Silence", 1)]
+    text = format_inspection(inspection)
+    assert "files 7 (4 labeled, 3 with errors), windows 13, error rows 3" in text
+    assert "2  empty file" in text and "Dog" in text
+
+
+def test_label_query_gives_each_files_max_and_the_times_where_it_scores(small_output):
+    matches = files_with_label(small_output, "Dog", 0.6).to_pylist()
+    assert [(m["shard"][-16:], m["key"]) for m in matches] == [
+        ("shard-000001.tar", "overlap"),  # 0.95
+        ("shard-000000.tar", "walk"),  # 0.9
+        ("shard-000001.tar", "walk"),  # 0.6: at the threshold counts
+    ]
+    overlap, walk, short = matches
+    assert overlap["label_max"] == pytest.approx(0.95)
+    assert (overlap["windows"], overlap["label_windows"]) == (5, 3)
+    # 0-10 and 5-15 overlap: one span; 20-30 does not touch it (10-20, 15-25 scored 0.3).
+    assert overlap["spans"] == [{"start_s": 0.0, "end_s": 15.0}, {"start_s": 20.0, "end_s": 30.0}]
+    assert walk["spans"] == [{"start_s": 10.0, "end_s": 30.0}, {"start_s": 40.0, "end_s": 50.0}]
+    assert (walk["windows"], walk["label_windows"], walk["duration_s"]) == (6, 3, 60.0)
+    assert short["spans"] == [{"start_s": 0.0, "end_s": 8.0}]
+
+    text = format_inspection(inspect_output(small_output, "dog", 0.6))  # any case
+    assert "Files where 'Dog' >= 0.6 in some window: 3 of 4 labeled files" in text
+    assert "shard-000000.tar:walk" in text and "0:10.0-0:30.0, 0:40.0-0:50.0" in text
+    assert "whole file" in text  # the one-window match
+    assert inspect_output(small_output, "Dog", 0.99).matches().num_rows == 0
+
+
+def test_spans_touching_windows_merge_and_the_json_report_lists_them(small_output):
+    report = inspection_json(inspect_output(small_output, "Dog", 0.6), top=1)
+    assert report["files"] == 7 and report["files_per_top_label"]["Dog"] == 2
+    assert report["query"]["files"] == 3 and len(report["query"]["matches"]) == 1
+    json.dumps(report)  # serialisable as it is
+
+
+def _reference(rows: list[Row], label: str, min_score: float) -> dict:
+    """Per (shard, key): (windows, error rows, top label by mean, label max, hit windows), in
+    plain Python."""
+    by_file: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        by_file.setdefault((row.shard, row.key), []).append(row)
+    result = {}
+    for file, file_rows in by_file.items():
+        ok = [row for row in file_rows if row.error is None]
+        top = label_max = None
+        hits = 0
+        if ok:
+            means = {n: np.mean([r.scores.get(n, 0.0) for r in ok]) for n in LABELS}
+            top = max(LABELS, key=lambda n: (means[n], -LABELS.index(n)))
+            label_max = max(r.scores.get(label, 0.0) for r in ok)
+            hits = sum(r.scores.get(label, 0.0) >= min_score for r in ok)
+        result[file] = (len(ok), len(file_rows) - len(ok), top, label_max, hits)
+    return result
+
+
+def test_vectorised_reduction_equals_a_per_row_reference_on_shuffled_rows():
+    rng = np.random.default_rng(0)
+    rows = []
+    for f in range(300):
+        shard = f"shard-{f % 3}"
+        if rng.random() < 0.1:
+            rows.append(Row(shard, f"k{f}", 0, 0, 0, 0, error=f"reason {f % 2}"))
+            continue
+        windows = int(rng.integers(1, 8))
+        for w in range(windows):
+            scores = dict(zip(LABELS, rng.random(len(LABELS)).round(3), strict=True))
+            rows.append(Row(shard, f"k{f}", w, w * 10.0, w * 10.0 + 10.0, windows * 10.0, scores))
+    order = rng.permutation(len(rows))  # the reduction must not rely on the writer's sort order
+    table = rows_table([rows[i] for i in order])
+    scan = reduce_unit(table, LABELS, LabelQuery("Dog", 1, 0.5))
+    got = {
+        (row["shard"], row["key"]): (
+            row["windows"],
+            row["error_rows"],
+            LABELS[row["top_label"]] if row["top_label"] >= 0 else None,
+            row["label_max"],
+            row["label_windows"],
+        )
+        for row in scan.files.to_pylist()
+    }
+    expected = _reference(rows, "Dog", 0.5)
+    assert got.keys() == expected.keys()
+    for file, (windows, errors, top, label_max, hits) in expected.items():
+        assert got[file][:3] == (windows, errors, top), file
+        assert got[file][4] == hits, file
+        if label_max is None:
+            assert got[file][3] is None
+        else:
+            assert got[file][3] == pytest.approx(label_max, abs=1e-6), file
+
+
+def test_unknown_label_fails_with_one_line_naming_close_matches():
+    many = tuple(f"Label {i}" for i in range(20)) + ("Dog", "Dogs, many", "Hot dog", "Doorbell")
+    with pytest.raises(UnknownLabel) as error:
+        resolve_label("dgo", many)
+    message = str(error.value)
+    assert "\n" not in message and "'dgo'" in message and "'Dog'" in message
+    with pytest.raises(UnknownLabel, match=r"close matches: 'Dog', 'Dogs, many', 'Hot dog'"):
+        resolve_label("og", many)  # names that contain it first
+    with pytest.raises(UnknownLabel, match="labels are 'Speech', 'Dog', 'Bark'"):
+        resolve_label("Cat", LABELS)  # a short list is given whole
+    assert resolve_label("bark", LABELS) == 2
+    assert issubclass(UnknownLabel, UserError)
+
+
+def test_only_committed_unit_files_are_read_and_a_copy_without_markers_is_read_whole(tmp_path):
+    out = str(tmp_path / "out")
+    rows = [Row("s", "a", 0, 0.0, 5.0, 5.0, {"Dog": 1.0})]
+    write_unit(out, "unit-a", rows_table(rows))
+    write_unit(out, "unit-b", rows_table([Row("s", "b", 0, 0.0, 5.0, 5.0)]), marker=False)
+    inspection = inspect_output(out)
+    assert inspection.counts["files"] == 1 and inspection.output.uncommitted == 1
+    assert "1 unit file without a commit marker left out" in format_inspection(inspection)
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("unit-a.parquet", "unit-b.parquet"):
+        (copy / name).write_bytes((tmp_path / "out" / name).read_bytes())
+    assert inspect_output(str(copy)).counts["files"] == 2
+
+
+def test_what_is_not_an_output_fails_with_one_line(tmp_path):
+    with pytest.raises(InspectError, match="no output at .*: no such folder"):
+        inspect_output(str(tmp_path / "missing"))
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "audio" / "a.wav").write_bytes(b"RIFF")
+    with pytest.raises(InspectError, match="not an ast-label output: no \\*.parquet"):
+        inspect_output(str(tmp_path / "audio"))
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "audio" / "other.parquet")
+    with pytest.raises(InspectError, match="other.parquet has no ast_label metadata"):
+        inspect_output(str(tmp_path / "audio"))
+    (tmp_path / "running" / ".ast-label" / "staging").mkdir(parents=True)
+    with pytest.raises(InspectError, match="no committed results yet"):
+        inspect_output(str(tmp_path / "running"))
+
+
+def test_plots_png_svg_and_html_report_are_written(small_output, tmp_path):
+    from pipeline.plots import write_plot
+
+    with_query = inspect_output(small_output, "Dog", 0.6, timelines=6)
+    # Long files (more than one window) that match, best first.
+    assert [t.key for t in with_query.timelines] == ["overlap", "walk"]
+    walk = with_query.timelines[1]
+    assert "Dog" in walk.labels
+    assert walk.scores.shape == (6, len(walk.labels))
+    without = inspect_output(small_output, timelines=1)
+    assert [t.key for t in without.timelines] == ["walk"]  # the longest
+
+    png = write_plot(with_query, tmp_path / "labels.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    svg = write_plot(without, tmp_path / "labels.svg")
+    assert b"<svg" in svg.read_bytes()[:1000]
+    page = write_plot(with_query, tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<table>" in page
+    assert "shard-000000.tar:walk" in page and "0:10.0-0:30.0" in page
+
+
+def test_plot_needs_the_extra_and_a_known_file_type(small_output, tmp_path, monkeypatch):
+    from pipeline.plots import PlotError, check_plot_path
+
+    with pytest.raises(PlotError, match="give a file name ending in .png"):
+        check_plot_path(tmp_path / "x.gif")
+    with pytest.raises(PlotError, match="does not exist"):
+        check_plot_path(tmp_path / "no" / "x.png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(PlotError, match=r"pip install 'ast-label\[plot\]'"):
+        check_plot_path(tmp_path / "x.png")
+
+
+def test_cli_inspect_prints_text_json_and_one_line_errors(small_output, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", small_output, "--label", "Dog", "--min-score", "0.6"])
+    assert result.exit_code == 0, result.output
+    assert "Files where 'Dog' >= 0.6" in result.output and "0:40.0-0:50.0" in result.output
+
+    result = runner.invoke(main, ["inspect", small_output, "-l", "Dog", "--json", "--top", "0"])
+    assert result.exit_code == 0
+    report = json.loads(result.output)
+    assert report["windows"] == 13 and report["query"]["files"] == 3
+
+    result = runner.invoke(main, ["inspect", small_output, "--label", "Cat"])
+    assert result.exit_code == 2 and "Error: unknown label 'Cat'" in result.output
+    result = runner.invoke(main, ["inspect", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "no output at" in result.output
+    result = runner.invoke(main, ["inspect", small_output, "--min-score", "5"])
+    assert result.exit_code == 2 and "not a score" in result.output
+
+    plot = tmp_path / "inspect.png"
+    result = runner.invoke(main, ["inspect", small_output, "-l", "Dog", "--plot", str(plot)])
+    assert result.exit_code == 0 and plot.stat().st_size > 0
+
+
+def test_duckdb_and_pandas_one_liners_find_the_same_files(small_output):
+    import duckdb
+    import pandas as pd
+
+    write_labels_table(small_output, LABELS)
+    table = pd.read_csv(f"{small_output}/.ast-label/labels.csv")
+    assert table.to_dict("list") == {"index": list(range(len(LABELS))), "name": list(LABELS)}
+    expected = {
+        (row["shard"], row["key"]): row["label_max"]
+        for row in files_with_label(small_output, "Dog", 0.6).to_pylist()
+    }
+
+    rows = duckdb.sql(duckdb_label_query(small_output, "Dog", 0.6)).fetchall()
+    assert {(shard, key): score for shard, key, score in rows} == pytest.approx(expected)
+
+    # The README's pandas lines.
+    names = pd.read_csv(f"{small_output}/.ast-label/labels.csv")["name"].tolist()
+    df = pd.read_parquet(small_output, columns=["shard", "key", "scores"], dtype_backend="pyarrow")
+    best = df.assign(score=df.scores.list[names.index("Dog")]).groupby(["shard", "key"]).score.max()
+    found = best[best >= 0.6].to_dict()
+    assert found == pytest.approx(expected)
+
+
+def test_labels_table_quotes_names_with_commas(tmp_path):
+    import duckdb
+
+    names = ("Beep, bleep", 'Say "hi"', "Plain")
+    uri = write_labels_table(str(tmp_path), names)
+    assert uri == f"{tmp_path}/.ast-label/labels.csv"
+    rows = duckdb.sql(f"select index, name from read_csv('{uri}') order by index").fetchall()
+    assert rows == list(enumerate(names))
+
+
+@pytest.mark.slow
+def test_an_output_on_s3_is_inspected_like_a_local_one(s3_server, small_output):
+    bucket = s3_server.create_bucket("inspect-out")
+    fs = s3_server.filesystem()
+    local = filesystem_for(small_output)[0]
+    for path in local.find(small_output):
+        fs.pipe_file(f"{bucket[5:]}/labels/{path[len(small_output) + 1 :]}", local.cat_file(path))
+
+    remote = inspect_output(f"{bucket}/labels", "Dog", 0.6)
+    here = inspect_output(small_output, "Dog", 0.6)
+    assert remote.counts == here.counts
+    assert remote.matches().equals(here.matches())
+    with pytest.raises(InspectError, match="no output at"):
+        inspect_output(f"{bucket}/elsewhere")
+
+
+def synthetic_output(
+    output_uri: str,
+    rows: int,
+    label_names,
+    hidden: int = 8,
+    units: int = 100,
+    seed: int = 0,
+) -> int:
+    """`rows` rows in `units` unit files, built with numpy (no Python per row): files of 1 to 36
+    windows of 10.24 s, some error rows, scores peaked on one label per file. Returns the rows."""
+    rng = np.random.default_rng(seed)
+    spec = spec_for(label_names, hidden)
+    num_labels = len(label_names)
+    written = 0
+    for unit in range(units):
+        target = rows // units
+        windows = np.minimum(rng.geometric(0.3, size=target), 36)  # (F,) windows per file
+        windows = windows[: np.searchsorted(np.cumsum(windows), target) + 1]
+        windows[-1] -= max(0, windows.sum() - target)
+        windows = windows[windows > 0]
+        failed = (rng.random(len(windows)) < 0.05) & (windows == 1)  # an error row per such file
+        count = int(windows.sum())
+        file_of_row = np.repeat(np.arange(len(windows)), windows)  # (N,)
+        window_index = np.arange(count) - np.repeat(np.cumsum(windows) - windows, windows)
+        duration = np.repeat(windows * 10.24 - rng.random(len(windows)) * 5, windows)
+        start = window_index * 10.24
+        end = np.minimum(start + 10.24, duration)
+        error_row = failed[file_of_row]
+        scores = rng.random((count, num_labels), dtype=np.float32) * 0.2  # (N, C)
+        peak = rng.integers(num_labels, size=len(windows))[file_of_row]
+        scores[np.arange(count), peak] = rng.uniform(0.3, 1.0, count).astype(np.float32)
+        mask = pa.array(error_row)
+        keys = pa.array([f"clip-{i:05d}" for i in range(len(windows))]).take(pa.array(file_of_row))
+        columns = {
+            "shard": pa.array(np.full(count, f"s3://corpus/shard-{unit:06d}.tar")),
+            "key": keys,
+            "window_index": pa.array(window_index.astype(np.int32)),
+            "start_s": pa.array(np.where(error_row, 0.0, start)),
+            "end_s": pa.array(np.where(error_row, 0.0, end)),
+            "duration_s": pa.array(np.where(error_row, 0.0, duration)),
+            "sample_rate": pa.array(np.full(count, 16000, np.int32)),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(rng.random(count * hidden, dtype=np.float32)), hidden, mask=mask
+            ),
+            "scores": pa.FixedSizeListArray.from_arrays(
+                pa.array(scores.reshape(-1)), num_labels, mask=mask
+            ),
+            "top_labels": pa.nulls(count, pa.list_(pa.string())),
+            "top_scores": pa.nulls(count, pa.list_(pa.float32())),
+            "metadata": pa.nulls(count, pa.string()),
+            "error": pa.array(np.where(error_row, "cannot decode", None)),
+        }
+        table = pa.Table.from_arrays(list(columns.values()), schema=spec.schema)
+        write_unit(output_uri, f"shard-{unit:06d}", table)
+        written += count
+    return written
+
+
+@pytest.mark.slow
+def test_a_100k_row_output_is_inspected_in_seconds(tmp_path):
+    label_names = tuple(f"label {i}" for i in range(100))
+    out = str(tmp_path / "big")
+    rows = synthetic_output(out, 100_000, label_names)
+    started = time.perf_counter()
+    inspection = inspect_output(out, "label 7", 0.9, timelines=6)
+    elapsed = time.perf_counter() - started
+    counts = inspection.counts
+    assert rows == 100_000 and counts["windows"] + counts["error_rows"] == rows
+    assert len(inspection.timelines) == 6
+    matches = inspection.matches()
+    assert matches.num_rows > 0 and min(matches["label_max"].to_pylist()) >= 0.9
+    # Printed, not asserted: a shared 2-core machine's timings vary. Expect a few seconds.
+    print(f"\ninspect of {rows} rows, {counts['files']} files, 100 labels: {elapsed:.2f} s")
