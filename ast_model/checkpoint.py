@@ -23,12 +23,14 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from ast_model.config import DEFAULT_MODEL, ASTConfig
+from ast_model.features import FbankConfig
 from ast_model.model import ASTForAudioClassification
 
 DEFAULT_MODEL_NAME = "ast-label-default"
 BUNDLED_MODEL_DIR = Path(__file__).parent / "default"
 
 HF_CONFIG = "config.json"
+HF_PREPROCESSOR = "preprocessor_config.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # safetensors first: no unpickling
 ORIGINAL_LABELS_CSV = "class_labels_indices.csv"
 
@@ -123,16 +125,38 @@ def load_checkpoint(uri: str, *, original_config: ASTConfig | None = None) -> Lo
 def save_checkpoint(
     model: ASTForAudioClassification, config: ASTConfig, directory: str | Path
 ) -> None:
-    """Writes config.json + model.safetensors with Hugging Face's key names, so that
-    transformers' from_pretrained loads the folder as well as load_checkpoint does."""
+    """Writes config.json + model.safetensors with Hugging Face's key names, and the matching
+    preprocessor_config.json, so that transformers' from_pretrained and its audio-classification
+    pipeline load the folder as well as load_checkpoint does."""
     state = _to_layout(model.state_dict(), HF_LAYOUT)
     weights = safetensors_save(state, metadata={"format": "pt"})
     fs, root = fsspec.core.url_to_fs(str(directory))
     fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(
-        _join(root, HF_CONFIG), (json.dumps(config.to_hf_dict(), indent=2) + "\n").encode()
-    )
+    for name, settings in (
+        (HF_CONFIG, config.to_hf_dict()),
+        (HF_PREPROCESSOR, feature_extractor_settings(config)),
+    ):
+        fs.pipe_file(_join(root, name), (json.dumps(settings, indent=2) + "\n").encode())
     fs.pipe_file(_join(root, HF_WEIGHTS[0]), weights)
+
+
+def feature_extractor_settings(config: ASTConfig) -> dict:
+    """transformers' ASTFeatureExtractor settings that compute this model's input, as
+    ast_model.features does (AudioSet's mean and std)."""
+    fbank = FbankConfig.for_model(config)
+    return {
+        "feature_extractor_type": "ASTFeatureExtractor",
+        "feature_size": 1,
+        "sampling_rate": fbank.sample_rate,
+        "num_mel_bins": fbank.num_mel_bins,
+        "max_length": fbank.max_length,
+        "mean": fbank.mean,
+        "std": fbank.std,
+        "do_normalize": True,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "return_attention_mask": False,
+    }
 
 
 # -- finding the files ---------------------------------------------------------------------------

@@ -298,6 +298,8 @@ def format_report(report: DemoReport) -> str:
         f'  python -c "import duckdb; duckdb.sql(\\"{duckdb_query}\\").show()"',
         f"  python -c \"import pandas as pd; print(pd.read_parquet('{report.labels_dir}')"
         "[['key', 'window_index', 'top_labels', 'error']].head(10))\"",
+        "Or let ast-label look (add --plot labels.png for pictures; the 'plot' extra):",
+        f"  ast-label inspect {report.labels_dir} --label 'Pink noise' --min-score 0.9",
     ]
     return "\n".join(lines)
 

@@ -274,6 +274,21 @@ Features: Kaldi fbank as `ASTFeatureExtractor` computes it, normalised with the 
 statistics (mean -4.2677393, std 4.5689974). Weights: `model.safetensors`, sha256
 `{weights_sha256}`.
 
+## Files
+
+- `config.json`: the Hugging Face `ASTConfig`, label names in `id2label`.
+- `model.safetensors`: the weights, under `transformers`' names.
+- `preprocessor_config.json`: the `ASTFeatureExtractor` settings (16 kHz, 128 mel bins, 1024
+  frames, AudioSet mean and std, normalised), so that `transformers` loads the folder as it loads
+  a hub checkpoint, in its own audio-classification pipeline too:
+
+      from transformers import pipeline
+      classify = pipeline("audio-classification", model="ast_model/default")
+      classify({{"raw": waveform, "sampling_rate": 16000}})  # [{{"label": ..., "score": ...}}, ...]
+
+  (`ASTFeatureExtractor` reads only the first 10.24 s of a clip; `ast-label predict` labels every
+  window of a longer file.)
+
 ## How it was made
 
     {command}

@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_LABELS, write_hf_checkpoint
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import ast_model.checkpoint as checkpoint_module
 from ast_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ast_model.config import ASTConfig
+from ast_model.features import FbankConfig, compute_fbank
 
 TOLERANCE = 1e-4
 
@@ -97,6 +99,25 @@ def test_save_checkpoint_is_loaded_by_transformers_and_by_us(
         load_file(tmp_path / "saved" / "model.safetensors").keys()
         == load_file(tiny_hf_checkpoint / "model.safetensors").keys()
     )
+
+
+def test_saved_checkpoint_carries_the_feature_extractor_that_computes_our_features(
+    tiny_hf_checkpoint: Path, tmp_path: Path
+):
+    """transformers' pipelines need preprocessor_config.json; it must describe our fbank."""
+    from transformers import ASTFeatureExtractor
+
+    original = load_checkpoint(str(tiny_hf_checkpoint))
+    save_checkpoint(original.model, original.config, tmp_path / "saved")
+    extractor = ASTFeatureExtractor.from_pretrained(tmp_path / "saved")
+    clip = np.sin(np.arange(16_000 * 3) / 16_000 * 2 * np.pi * 440).astype(np.float32)
+    theirs = extractor(clip, sampling_rate=16_000, return_tensors="pt")["input_values"]
+    ours = compute_fbank(
+        torch.from_numpy(clip)[None],
+        torch.tensor([len(clip)]),
+        FbankConfig.for_model(original.config),
+    )
+    assert (theirs - ours).abs().max() <= 1e-4
 
 
 def test_checkpoint_loads_from_s3(s3_server, tiny_hf_checkpoint: Path):
