@@ -55,18 +55,16 @@ class Progress:
             self.write("\n")
 
     def line(self) -> str:
-        elapsed = max(self.clock() - self.started, 1e-9)
+        elapsed = self.clock() - self.started
         done = self.units + self.failed
-        parts = [
-            f"units {done}/{self.total_units}",
-            f"files {self.files}",
-            f"{self.files / elapsed:.1f} files/s",
-            f"{self.audio_s / 3600 / elapsed:.3f} audio-h/s",
-            f"errors {self.errors}",
-        ]
+        parts = [f"units {done}/{self.total_units}", f"files {self.files}"]
+        if elapsed >= 1.0:  # a rate over less than a second says nothing
+            parts.append(f"{self.files / elapsed:.1f} files/s")
+            parts.append(f"{self.audio_s / 3600 / elapsed:.3f} audio-h/s")
+        parts.append(f"errors {self.errors}")
         if self.failed:
             parts.append(f"not committed {self.failed}")
-        if 0 < done < self.total_units:
+        if 0 < done < self.total_units and elapsed >= 1.0:
             remaining = elapsed / done * (self.total_units - done)
             parts.append(f"ETA {format_duration(remaining)}")
         elif done == self.total_units:

@@ -239,3 +239,48 @@ def test_ray_job_modules_are_the_same_commands(tmp_path, audio, module, argument
         [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert f"Usage: python -m {module}" in usage.stdout
+
+
+@pytest.mark.slow
+def test_run_shows_only_its_own_lines_and_leaves_no_staging(tmp_path, tiny_hf_checkpoint):
+    """Piped, as in a log: no Ray INFO lines, progress bars or core_worker errors; ast-label's
+    own progress and summary; nothing left under .ast-label/staging."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for index in range(6):
+        (folder / f"clip-{index}.wav").write_bytes(
+            encode(sine(1.0, freq=200.0 + 50 * index), 16_000, "wav")
+        )
+    (folder / "notes.txt").write_text("not audio")
+    (folder / ".hidden.wav").write_bytes(encode(sine(1.0), 16_000, "wav"))
+    output = tmp_path / "labels"
+    result = subprocess.run(
+        [
+            str(AST_LABEL),
+            "run",
+            str(folder),
+            "-o",
+            str(output),
+            "-m",
+            str(tiny_hf_checkpoint),
+            "--files-per-unit",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"3 work units: 0 already committed, 3 to label -> {output}"
+    assert lines[1].startswith("Ray: ") and "classifier actors on CPU" in lines[1]
+    assert all(line.startswith("units ") for line in lines[2:]), lines
+    assert lines[-1].startswith("units 3/3 | files 7 |") and "errors 1" in lines[-1]
+    for noise in ("INFO", "WARNING", "core_worker", "Progress", "Running Dataset", "Traceback"):
+        assert noise not in result.stderr, noise
+    summary = result.stdout.splitlines()
+    assert summary[1] == "files 7, windows 6, error rows 1"
+    assert "skipped (not inputs): 1 hidden files and folders" in result.stdout
+    assert any("error x1: not an audio file" in line for line in summary), summary
+    assert not (output / ".ast-label" / "staging").exists()
