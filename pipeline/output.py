@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import gzip
 import hashlib
 import io
@@ -38,12 +39,14 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
+from types import MappingProxyType
 from typing import Any
 
 import fsspec
@@ -572,10 +575,52 @@ def _output_problem(error: BaseException | None) -> str:
     return f"{text}; check the output location and try again"
 
 
-def read_commit_markers(output_uri: str) -> dict[str, dict[str, Any]]:
-    """unit_id -> marker for every committed unit under OUT: the markers listed (the commit
-    points), their fields taken from the index where it is newer than the marker, read otherwise.
-    Raises StorageError when the output cannot be listed or read."""
+@dataclass(frozen=True, slots=True)
+class CommittedUnit:
+    """What a run needs of a committed unit: the fields of its marker that the resume checks and
+    the summary read. It is also one line of the index. Kept small: a rerun over 100k units
+    holds one per unit on the driver."""
+
+    unit_id: str
+    sources: tuple[str, ...]
+    model_fingerprint: str
+    files: int
+    windows: int
+    errors: int
+    audio_seconds: float
+    error_reasons: Mapping[str, int]
+
+    @classmethod
+    def from_marker(cls, marker: Mapping[str, Any]) -> CommittedUnit:
+        reasons = marker.get("error_reasons") or {}
+        return cls(
+            unit_id=str(marker["unit_id"]),
+            sources=tuple(marker.get("sources", ())),
+            # Every unit of an output has the same fingerprint: one string for all of them.
+            model_fingerprint=sys.intern(str(marker.get("model_fingerprint", ""))),
+            files=int(marker["files"]),
+            windows=int(marker["windows"]),
+            errors=int(marker["errors"]),
+            audio_seconds=float(marker["audio_seconds"]),
+            error_reasons=dict(reasons) if reasons else _NO_REASONS,
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        record = {name: getattr(self, name) for name in self.__slots__}
+        record["sources"] = list(self.sources)
+        record["error_reasons"] = dict(self.error_reasons)
+        return record
+
+
+_NO_REASONS: Mapping[str, int] = MappingProxyType({})
+# Markers fetched by one request batch when the index does not cover them.
+_MARKER_READ_BATCH = 1000
+
+
+def read_commit_markers(output_uri: str) -> dict[str, CommittedUnit]:
+    """Every committed unit under OUT: the markers listed (the commit points), their fields taken
+    from the index where it is newer than the marker, read otherwise. Raises StorageError when
+    the output cannot be listed or read."""
     fs, root = filesystem_for(output_uri)
     commits = posixpath.join(root, COMMITS_DIR)
     listed = {
@@ -583,34 +628,39 @@ def read_commit_markers(output_uri: str) -> dict[str, dict[str, Any]]:
         for info in with_retries(lambda: _list_detail(fs, commits), f"cannot list {commits}")
         if info["name"].endswith(".json") and not posixpath.basename(info["name"]).startswith(".")
     }
-    index, index_modified = _read_index(fs, root)
-    markers = {
+    index, index_modified = _read_index(fs, root, listed)
+    units = {
         unit_id: index[unit_id]
         for unit_id, modified in listed.items()
         if unit_id in index and modified is not None and modified < index_modified
     }
-    missing = [unit_id for unit_id in listed if unit_id not in markers]
-    paths = [_marker_path(root, unit_id) for unit_id in missing]
-    blobs = with_retries(lambda: _read_all(fs, paths), f"cannot read markers under {commits}")
-    for unit_id, path, blob in zip(missing, paths, blobs, strict=True):
-        try:
-            marker = json.loads(blob)
-            valid = marker["unit_id"] == unit_id
-        except (ValueError, KeyError, TypeError):
-            valid = False
-        if valid:
-            markers[unit_id] = marker
-        else:  # never written by commit_unit (its writes are atomic): redo that unit
-            log.warning("ignoring unreadable commit marker %s", path)
+    del index
+    missing = [unit_id for unit_id in listed if unit_id not in units]
+    for start in range(0, len(missing), _MARKER_READ_BATCH):
+        batch = missing[start : start + _MARKER_READ_BATCH]
+        paths = [_marker_path(root, unit_id) for unit_id in batch]
+        blobs = with_retries(
+            functools.partial(_read_all, fs, paths), f"cannot read markers under {commits}"
+        )
+        for unit_id, path, blob in zip(batch, paths, blobs, strict=True):
+            try:
+                unit = CommittedUnit.from_marker(json.loads(blob))
+                valid = unit.unit_id == unit_id
+            except (ValueError, KeyError, TypeError):
+                valid = False
+            if valid:
+                units[unit_id] = unit
+            else:  # never written by commit_unit (its writes are atomic): redo that unit
+                log.warning("ignoring unreadable commit marker %s", path)
     if len(missing) > INDEX_REFRESH_AFTER:
         # A run killed before writing its index: save the next run these reads.
-        write_index(output_uri, markers.values())
-    return markers
+        write_index(output_uri, units.values())
+    return units
 
 
 @dataclass(frozen=True)
 class Resume:
-    markers: dict[str, dict[str, Any]]  # every committed unit of the output, planned or not
+    units: dict[str, CommittedUnit]  # every committed unit of the output, planned or not
     committed: frozenset[str]  # the planned units already committed: the run skips them
 
 
@@ -632,59 +682,77 @@ def check_resume(
         _wipe(fs, root)
         return Resume({}, frozenset())
     plan = {unit_id: tuple(sources) for unit_id, sources in planned_units}
-    markers = read_commit_markers(output_uri)
-    for unit_id, marker in sorted(markers.items()):
-        if marker.get("model_fingerprint") != model_fingerprint:
+    units = read_commit_markers(output_uri)
+    for unit_id, unit in sorted(units.items()):
+        if unit.model_fingerprint != model_fingerprint:
             raise OutputError(
                 f"{output_uri} holds results from another model or settings (unit {unit_id}); "
                 "use --overwrite to replace them, or another output"
             )
-    source_unit = {source: unit_id for unit_id, sources in plan.items() for source in sources}
-    for unit_id, marker in sorted(markers.items()):
-        sources = tuple(marker.get("sources", ()))
-        regrouped = unit_id in plan and set(sources) != set(plan[unit_id])
-        overlap = unit_id not in plan and any(source in source_unit for source in sources)
-        if regrouped or overlap:
-            shared = next((s for s in sources if s in source_unit), sources[0] if sources else "")
-            raise OutputError(
-                f"{output_uri}: committed unit {unit_id} groups the inputs differently from "
-                f"this run (e.g. {shared}), so rows would be duplicated; "
-                "use --overwrite or another output"
-            )
+    for unit_id, unit in sorted(units.items()):
+        if unit_id in plan and set(unit.sources) != set(plan[unit_id]):
+            _regrouped(output_uri, unit, set(plan[unit_id]))
+    others = [unit for unit_id, unit in units.items() if unit_id not in plan]
+    if others:  # units of other runs: none of them may hold an input of this plan
+        planned_sources = {source for sources in plan.values() for source in sources}
+        for unit in sorted(others, key=lambda unit: unit.unit_id):
+            if not planned_sources.isdisjoint(unit.sources):
+                _regrouped(output_uri, unit, planned_sources)
     final_files = {
         posixpath.basename(path)
         for path in with_retries(lambda: _list(fs, root), f"cannot list {output_uri}")
         if path.endswith(".parquet")
     }
     committed = frozenset(
-        unit_id for unit_id in plan if unit_id in markers and f"{unit_id}.parquet" in final_files
+        unit_id for unit_id in plan if unit_id in units and f"{unit_id}.parquet" in final_files
     )
     # Staging left by a run killed after a marker but before its cleanup: those units are skipped
     # now, so nothing else would ever remove it.
     for path in _list(fs, posixpath.join(root, STAGING_DIR)):
         if posixpath.basename(path) in committed:
             _remove(fs, path)
-    valid = {unit_id: marker for unit_id, marker in markers.items() if unit_id not in plan}
-    valid.update({unit_id: markers[unit_id] for unit_id in committed})
-    return Resume(valid, committed)
+    # A planned unit with a marker but no final file is redone: its old fields no longer count.
+    for unit_id in plan.keys() - committed:
+        units.pop(unit_id, None)
+    return Resume(units, committed)
 
 
-def write_index(output_uri: str, markers: Iterable[Mapping[str, Any]]) -> None:
-    """Saves every marker of the output in one file, so that a rerun need not read them one by
-    one (a gzip of JSON lines: 100k markers of tar shards are a few MB)."""
-    lines = "".join(json.dumps(marker, sort_keys=True) + "\n" for marker in markers)
+def _regrouped(output_uri: str, unit: CommittedUnit, planned_sources: set[str]) -> None:
+    shared = next((s for s in unit.sources if s in planned_sources), "")
+    raise OutputError(
+        f"{output_uri}: committed unit {unit.unit_id} groups the inputs differently from this "
+        f"run (e.g. {shared or unit.sources[0]}), so rows would be duplicated; "
+        "use --overwrite or another output"
+    )
+
+
+def write_index(output_uri: str, units: Iterable[CommittedUnit]) -> None:
+    """Saves every committed unit of the output in one file, so that a rerun need not read the
+    markers one by one: gzip of JSON lines, a few MB for 100k tar shards."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=5, mtime=0) as compressed:
+        for unit in units:
+            compressed.write(json.dumps(unit.to_record(), sort_keys=True).encode() + b"\n")
     fs, root = filesystem_for(output_uri)
-    _put(fs, posixpath.join(root, INDEX_NAME), gzip.compress(lines.encode(), compresslevel=5))
+    _put(fs, posixpath.join(root, INDEX_NAME), buffer.getvalue())
 
 
-def _read_index(fs: fsspec.AbstractFileSystem, root: str) -> tuple[dict[str, dict], float]:
-    """(unit_id -> marker, the index's modification time); ({}, -inf) when there is none usable."""
+def _read_index(
+    fs: fsspec.AbstractFileSystem, root: str, wanted: Mapping[str, Any]
+) -> tuple[dict[str, CommittedUnit], float]:
+    """(unit_id -> unit for the `wanted` ids it holds, the index's modification time); ({}, -inf)
+    when there is no usable index. Parsed line by line: the whole text is never held at once."""
     path = posixpath.join(root, INDEX_NAME)
     try:
         modified = _modified_s(with_retries(lambda: fs.info(path), f"cannot read {path}"))
-        lines = gzip.decompress(with_retries(lambda: fs.cat_file(path), f"cannot read {path}"))
-        markers = [json.loads(line) for line in lines.splitlines() if line.strip()]
-        index = {marker["unit_id"]: marker for marker in markers}
+        data = with_retries(lambda: fs.cat_file(path), f"cannot read {path}")
+        index = {}
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as lines:
+            for line in lines:
+                if line.strip():
+                    unit = CommittedUnit.from_marker(json.loads(line))
+                    if unit.unit_id in wanted:
+                        index[unit.unit_id] = unit
     except StorageError as error:
         if isinstance(error.__cause__, FileNotFoundError):
             return {}, -math.inf

@@ -7,8 +7,7 @@ On a terminal it is one line rewritten in place; piped to a file or a log, it is
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 
 class Progress:
@@ -34,11 +33,11 @@ class Progress:
         self.audio_s = 0.0
         self._width = 0
 
-    def unit_committed(self, marker: Mapping[str, Any]) -> None:
+    def unit_committed(self, files: int, errors: int, audio_seconds: float) -> None:
         self.units += 1
-        self.files += int(marker.get("files", 0))
-        self.errors += int(marker.get("errors", 0))
-        self.audio_s += float(marker.get("audio_seconds", 0.0))
+        self.files += files
+        self.errors += errors
+        self.audio_s += audio_seconds
         self._maybe_show()
 
     def unit_failed(self) -> None:

@@ -18,6 +18,7 @@ from pipeline import defaults
 from pipeline.errors import UserError
 from pipeline.options import LabelingOptions
 from pipeline.output import (
+    CommittedUnit,
     CommitTracker,
     CompletedUnit,
     OutputSpec,
@@ -140,15 +141,15 @@ def run_labeling(
         f"{len(plan.units)} work units: {len(plan.units) - len(todo)} already committed, "
         f"{len(todo)} to label -> {config.output}"
     )
-    markers = dict(resume.markers)
+    committed = resume.units
     failed: dict[str, str] = {}
     if todo:
         labeled, failed = _label_units(
             todo, config, loaded, fbank_config, read, spec, echo, progress
         )
-        markers.update(labeled)
-        write_index(config.output, markers.values())
-    summary = _summarise(config.output, plan.units, todo, markers, time.monotonic() - started)
+        committed.update(labeled)
+        write_index(config.output, committed.values())
+    summary = _summarise(config.output, plan.units, todo, committed, time.monotonic() - started)
     summary.units_failed = failed
     summary.inputs_skipped = plan.skipped
     write_summary(config.output, summary.to_dict())
@@ -164,9 +165,9 @@ def _label_units(
     spec: OutputSpec,
     echo: Callable[[str], None],
     make_progress: Callable[[int], Progress] | None,
-) -> tuple[dict[str, dict], dict[str, str]]:
+) -> tuple[dict[str, CommittedUnit], dict[str, str]]:
     """Streams the units through the graph and commits each as soon as all its rows are staged.
-    Returns (markers of the units committed, unit id -> why it did not commit)."""
+    Returns (the units committed, unit id -> why it did not commit)."""
     import ray
 
     from pipeline.cluster import init_ray
@@ -208,14 +209,14 @@ def _label_units(
     for unit_id, (rows, total) in tracker.pending.items():
         failed[unit_id] = f"only {rows} of {total or '?'} rows reached the writer"
     for unit in units:
-        if unit.unit_id not in committer.markers and unit.unit_id not in failed:
+        if unit.unit_id not in committer.committed and unit.unit_id not in failed:
             failed[unit.unit_id] = "no rows reached the writer"
     for unit_id in failed:
         remove_staging(config.output, unit_id)
     remove_staging(config.output, None)
     if progress:
         progress.finish()
-    return committer.markers, failed
+    return committer.committed, failed
 
 
 def _labeling_graph(units, read, features, model, spec, config, placement):
@@ -320,7 +321,7 @@ class _Committer:
         self.progress = progress
         self.task = ray.remote(num_cpus=0.25)(commit_unit)
         self.in_flight: dict = {}  # ObjectRef -> unit id
-        self.markers: dict[str, dict] = {}
+        self.committed: dict[str, CommittedUnit] = {}
         self.failed: dict[str, str] = {}
 
     def submit(self, unit: CompletedUnit) -> None:
@@ -354,9 +355,10 @@ class _Committer:
                 cause = error.cause if error.cause is not None else error
                 self.note_failure(unit_id, f"commit failed: {error_reason(cause)}")
                 continue
-            self.markers[unit_id] = marker
+            unit = CommittedUnit.from_marker(marker)
+            self.committed[unit_id] = unit
             if self.progress:
-                self.progress.unit_committed(marker)
+                self.progress.unit_committed(unit.files, unit.errors, unit.audio_seconds)
 
 
 def _check_run_options(config: RunConfig) -> None:
@@ -404,27 +406,27 @@ def _summarise(
     output: str,
     units: list[WorkUnit],
     todo: list[WorkUnit],
-    markers: dict[str, dict],
+    committed: dict[str, CommittedUnit],
     wall_s: float,
 ) -> RunSummary:
-    planned = [markers[unit.unit_id] for unit in units if unit.unit_id in markers]
+    planned = [committed[unit.unit_id] for unit in units if unit.unit_id in committed]
     labeled_now = {unit.unit_id for unit in todo}
     summary = RunSummary(output=output, wall_s=round(wall_s, 3))
     summary.shards = len(planned)
     summary.units_skipped = len(units) - len(todo)
-    summary.units_labeled = sum(1 for marker in planned if marker["unit_id"] in labeled_now)
     files_now = 0
     seconds_now = 0.0
-    for marker in planned:
-        summary.files += marker["files"]
-        summary.windows += marker["windows"]
-        summary.errors += marker["errors"]
-        summary.audio_hours += marker["audio_seconds"] / 3600.0
-        for reason, count in marker.get("error_reasons", {}).items():
+    for unit in planned:
+        summary.files += unit.files
+        summary.windows += unit.windows
+        summary.errors += unit.errors
+        summary.audio_hours += unit.audio_seconds / 3600.0
+        for reason, count in unit.error_reasons.items():
             summary.error_reasons[reason] = summary.error_reasons.get(reason, 0) + count
-        if marker["unit_id"] in labeled_now:
-            files_now += marker["files"]
-            seconds_now += marker["audio_seconds"]
+        if unit.unit_id in labeled_now:
+            summary.units_labeled += 1
+            files_now += unit.files
+            seconds_now += unit.audio_seconds
     if wall_s > 0:
         summary.clips_per_s = round(files_now / wall_s, 3)
         summary.audio_hours_per_s = round(seconds_now / 3600.0 / wall_s, 6)

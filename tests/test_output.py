@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import duckdb
@@ -17,6 +18,7 @@ import pytest
 from pipeline import output
 from pipeline.errors import UserError
 from pipeline.output import (
+    CommittedUnit,
     CommitTracker,
     OutputError,
     OutputSpec,
@@ -25,6 +27,7 @@ from pipeline.output import (
     output_schema,
     read_commit_markers,
     rows_to_table,
+    write_index,
     write_staging_parts,
     write_summary,
 )
@@ -323,7 +326,9 @@ def test_commit_writes_one_sorted_file_per_unit_and_a_marker(output_uri):
         ("k3", 2),
     ]
     marker = markers["shard-a"]
-    assert read_commit_markers(output_uri) == markers
+    assert read_commit_markers(output_uri) == {
+        unit_id: CommittedUnit.from_marker(written) for unit_id, written in markers.items()
+    }
     assert {k: marker[k] for k in ("unit_id", "sources", "rows", "files", "windows", "errors")} == {
         "unit_id": "shard-a",
         "sources": ["s3://in/a.tar"],
@@ -354,7 +359,8 @@ def test_rerun_commit_writes_identical_file(tmp_path):
     assert {k: v for k, v in first["u"].items() if k not in ignore} == {
         k: v for k, v in second["u"].items() if k not in ignore
     }
-    assert read_commit_markers(uri)["u"]["run_id"] == "run2"
+    marker = json.loads((tmp_path / "out" / ".ast-label" / "commits" / "u.json").read_text())
+    assert marker["run_id"] == "run2"
 
 
 def test_parts_of_a_killed_run_are_not_committed_and_are_deleted(output_uri):
@@ -447,10 +453,12 @@ def test_file_over_the_multipart_threshold_goes_up_in_parts_on_s3(s3_server):
 # --- resume -----------------------------------------------------------------------------------
 
 
-def commit_units(uri: str, units: dict[str, list[str]], run_id: str = "run1", **metadata) -> None:
+def commit_units(
+    uri: str, units: dict[str, list[str]], run_id: str = "run1", **metadata
+) -> dict[str, dict]:
     spec = make_spec(uri, run_id, **metadata)
     batches = [unit_batch(unit_id, {"a": 1, "b": 2}, seed=i) for i, unit_id in enumerate(units)]
-    stage_and_commit(spec, batches, units)
+    return stage_and_commit(spec, batches, units)
 
 
 def test_resume_skips_committed_units_and_redoes_one_whose_file_is_missing(output_uri):
@@ -511,6 +519,37 @@ def test_overwrite_deletes_every_ast_label_file_and_nothing_else(output_uri):
     assert check_resume(output_uri, [("u1", ["s1"])], fp, overwrite=True).committed == set()
     assert stored(output_uri) == {"README.txt", "other/data.csv"}
     assert read_commit_markers(output_uri) == {}
+
+
+def test_rerun_takes_markers_from_the_index_and_reads_only_newer_ones(tmp_path, monkeypatch):
+    uri = str(tmp_path / "out")
+    markers = commit_units(uri, {"u1": ["s1"], "u2": ["s2"]})
+    time.sleep(0.05)
+    write_index(uri, [CommittedUnit.from_marker(m) for m in markers.values()])
+    time.sleep(0.05)
+    newer = commit_units(uri, {"u3": ["s3"]})  # committed after the index was written
+    commits = tmp_path / "out" / ".ast-label" / "commits"
+    read: list[str] = []
+    real_read_all = output._read_all
+    monkeypatch.setattr(
+        output, "_read_all", lambda fs, paths: read.extend(paths) or real_read_all(fs, paths)
+    )
+
+    units = read_commit_markers(uri)
+
+    assert units == {
+        unit_id: CommittedUnit.from_marker(m) for unit_id, m in {**markers, **newer}.items()
+    }
+    assert read == [str(commits / "u3.json")]  # one GET, not three
+    (commits / "u1.json").unlink()  # a marker gone is a unit gone, whatever the index says
+    assert set(read_commit_markers(uri)) == {"u2", "u3"}
+
+
+def test_a_corrupt_index_is_ignored_and_every_marker_read(tmp_path):
+    uri = str(tmp_path / "out")
+    markers = commit_units(uri, {"u1": ["s1"]})
+    (tmp_path / "out" / ".ast-label" / "index.jsonl.gz").write_bytes(b"not gzip")
+    assert read_commit_markers(uri) == {"u1": CommittedUnit.from_marker(markers["u1"])}
 
 
 def test_summary_is_written_as_json(output_uri):

@@ -13,8 +13,8 @@ class Clock:
         return self.now
 
 
-def marker(files: int, errors: int = 0, seconds: float = 10.0) -> dict:
-    return {"files": files, "errors": errors, "audio_seconds": seconds * files}
+def unit(files: int, errors: int = 0, seconds: float = 10.0) -> tuple[int, int, float]:
+    return files, errors, seconds * files
 
 
 def test_on_a_terminal_one_line_is_rewritten_in_place():
@@ -22,7 +22,7 @@ def test_on_a_terminal_one_line_is_rewritten_in_place():
     progress = Progress(4, written.append, live=True, clock=clock)
     for second in (1, 2, 3):
         clock.now = second
-        progress.unit_committed(marker(50, errors=1))
+        progress.unit_committed(*unit(50, errors=1))
     clock.now = 3.2  # too soon after the last redraw: nothing new
     progress.tick()
     clock.now = 4
@@ -44,9 +44,9 @@ def test_on_a_terminal_one_line_is_rewritten_in_place():
 def test_in_a_log_a_line_every_interval_and_one_at_the_end():
     clock, written = Clock(), []
     progress = Progress(100, written.append, live=False, interval_s=10, clock=clock)
-    for unit in range(100):
-        clock.now = unit * 0.5  # 50 s in all: one line at the start, then one per 10 s
-        progress.unit_committed(marker(10))
+    for index in range(100):
+        clock.now = index * 0.5  # 50 s in all: one line at the start, then one per 10 s
+        progress.unit_committed(*unit(10))
     progress.finish()
 
     assert all(line.endswith("\n") and "\r" not in line for line in written)
