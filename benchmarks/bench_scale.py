@@ -182,10 +182,10 @@ def main() -> None:
             f"{first_rss / gib:.2f} GiB"
         )
         print(
-            f"rerun of a finished output: {rerun:.1f} s with the markers' index, "
-            f"{rerun_cold:.1f} s without it (every marker read; the index is then rewritten: "
-            f"{rerun_again:.1f} s the time after); driver peak RSS "
-            f"{max(rerun_rss, cold_rss) / gib:.2f} GiB"
+            f"rerun of a finished output: {rerun:.1f} s with the markers' index (driver peak "
+            f"RSS {rerun_rss / gib:.2f} GiB), {rerun_cold:.1f} s without it (every marker read, "
+            f"then the index rewritten; {cold_rss / gib:.2f} GiB), {rerun_again:.1f} s the "
+            "time after"
         )
         print(f"  it said: {said}")
         assert "0 to label" in said and "0 to label" in said_cold, (said, said_cold)
