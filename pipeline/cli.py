@@ -222,7 +222,8 @@ def predict_command(inputs, windows, as_json, scores, embedding, **options) -> N
 @click.option(
     "--classifier-actors",
     type=int,
-    help="Model actors [default: one per GPU; on CPU one per 8 CPUs].",
+    help="Model actors [default: one per GPU; on CPU one per "
+    f"{defaults.CPUS_PER_CPU_CLASSIFIER} CPUs].",
 )
 @_files_per_unit_option("Plain audio files grouped per output file.")
 @click.option(
