@@ -23,16 +23,21 @@ from pipeline.errors import Interrupted, RunIncomplete, UserError, WorkFailed
 # `status` and `--help` answer in a fraction of a second.
 
 # (exit status, error types, what it means): the one mapping, also printed by `ast-label --help`.
-# "CheckpointError" (ast_model.checkpoint) is named, not imported: importing it loads torch.
+# Types given as "module:Name" are named, not imported: ast_model.checkpoint loads torch, and an
+# error of a module that was never imported cannot have been raised.
 EXIT_STATUSES: tuple[tuple[int, tuple[type[Exception] | str, ...], str], ...] = (
     (0, (), "done"),
     (1, (WorkFailed,), "part of the work failed: files predict could not label, a failed job"),
     (
         2,
-        (UserError, "CheckpointError"),
+        (UserError, "ast_model.checkpoint:CheckpointError"),
         'a problem to fix (option, input, output, model, cluster): one line "Error: ..."',
     ),
-    (3, (RunIncomplete,), "incomplete: work units did not commit; run the same command again"),
+    (
+        3,
+        (RunIncomplete, "pipeline.storage:StorageError"),
+        "incomplete: units did not commit, or the store kept failing; run the same command again",
+    ),
     (130, (Interrupted,), "interrupted"),
 )
 # Environment variables whose values never appear in a message, whatever a library put in it.
@@ -49,9 +54,8 @@ def exit_status(error: BaseException) -> int | None:
     for status, error_types, _ in EXIT_STATUSES:
         for error_type in error_types:
             if isinstance(error_type, str):
-                # Only a loaded ast_model.checkpoint can have raised its own error type.
-                module = sys.modules.get("ast_model.checkpoint")
-                error_type = getattr(module, error_type, None)
+                module_name, name = error_type.split(":")
+                error_type = getattr(sys.modules.get(module_name), name, None)
             if error_type is not None and isinstance(error, error_type):
                 return status
     return None
@@ -86,7 +90,10 @@ class _Command(click.Command):
             status = exit_status(error)
             if status is None:
                 raise
-            raise _Failure(one_line(error), status) from None
+            message = one_line(error)
+            if status == 3 and not isinstance(error, RunIncomplete):  # the store, after retries
+                message += ": the store kept failing; run the same command again"
+            raise _Failure(message, status) from None
 
 
 class _Group(click.Group):

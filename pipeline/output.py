@@ -59,11 +59,11 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline import rows as R
 from pipeline.errors import UserError
 from pipeline.storage import (
-    RetryPolicy,
     StorageError,
     error_reason,
     filesystem_for,
     join_uri,
+    uri_for,
     with_retries,
 )
 
@@ -443,7 +443,7 @@ def commit_unit(
     table = _sorted(table).replace_schema_metadata(spec.schema.metadata)
 
     data = _parquet_bytes(table, spec)
-    _put(fs, posixpath.join(root, f"{unit_id}.parquet"), data)
+    final = posixpath.join(root, f"{unit_id}.parquet")
     marker = {
         "version": MARKER_VERSION,
         "unit_id": unit_id,
@@ -455,7 +455,16 @@ def commit_unit(
         "run_id": spec.run_id,
         "committed_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _put(fs, _marker_path(root, unit_id), json.dumps(marker, indent=2, sort_keys=True).encode())
+    try:
+        _put(fs, final, data)
+        _put(fs, _marker_path(root, unit_id), json.dumps(marker, indent=2, sort_keys=True).encode())
+    except StorageError:
+        # A write reported failed may have happened (its answer lost): take the final file away
+        # again, so that readers do not see rows of a unit the run reports as not committed. A
+        # marker that did get written then counts for nothing without its file: redone.
+        with contextlib.suppress(Exception):
+            _remove(fs, final)
+        raise
     # Best effort: a rerun removes staging of committed units that a failure here left behind.
     with contextlib.suppress(Exception):
         _remove(fs, posixpath.join(root, STAGING_DIR, unit_id))
@@ -837,19 +846,14 @@ def _is_temp_name(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name
 
 
-def _put(
-    fs: fsspec.AbstractFileSystem, path: str, data: bytes, policy_attempts: int | None = None
-) -> None:
+def _put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Writes a whole file so that readers see either nothing/the old file or all of the new one;
-    retried per storage.RetryPolicy (policy_attempts=1: once), then StorageError.
+    retried per storage.RetryPolicy, then StorageError.
 
     Local: a hidden temp file in the same folder, fsync, os.replace. Object stores: one pipe_file,
     a single PUT or (s3fs, big files) a multipart upload that only appears once completed.
     """
-    policy = RetryPolicy.from_environment()
-    if policy_attempts is not None:
-        policy = RetryPolicy(policy_attempts, policy.first_delay_s, policy.max_delay_s)
-    with_retries(lambda: _put_once(fs, path, data), f"cannot write {path}", policy)
+    with_retries(lambda: _put_once(fs, path, data), f"cannot write {uri_for(fs, path)}")
 
 
 def _put_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

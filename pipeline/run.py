@@ -35,7 +35,7 @@ from pipeline.progress import Progress
 from pipeline.rows import FEATURE_DTYPES
 from pipeline.sources import WorkUnit, plan_work_units
 from pipeline.stages import FeatureSettings, ReadSettings, StoredModel, feature_dtype
-from pipeline.storage import error_reason
+from pipeline.storage import StorageError, error_reason
 
 # Commits are small tasks (read the unit's parts, write one file). In flight at once: one per
 # COMMIT_CPUS CPUs of the cluster (at least 2): enough to keep up with the stream, few enough that
@@ -148,12 +148,21 @@ def run_labeling(
             todo, config, loaded, fbank_config, read, spec, echo, progress
         )
         committed.update(labeled)
-        write_index(config.output, committed.values())
+        _best_effort(echo, "the markers' index", write_index, config.output, committed.values())
     summary = _summarise(config.output, plan.units, todo, committed, time.monotonic() - started)
     summary.units_failed = failed
     summary.inputs_skipped = plan.skipped
-    write_summary(config.output, summary.to_dict())
+    _best_effort(echo, "summary.json", write_summary, config.output, summary.to_dict())
     return summary
+
+
+def _best_effort(echo: Callable[[str], None], what: str, write: Callable, *args) -> None:
+    """Writes a file that only describes the output (the markers stay the commit points): a store
+    that fails it after the retries costs a note, not the run's result."""
+    try:
+        write(*args)
+    except StorageError as error:
+        echo(f"note: could not write {what} ({error}); the next run writes it again")
 
 
 def _label_units(

@@ -20,10 +20,10 @@ import posixpath
 import re
 import tarfile
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -39,6 +39,7 @@ from pipeline.storage import (
     filesystem_for,
     is_local,
     join_uri,
+    storage_reason,
     uri_for,
     with_retries,
 )
@@ -72,6 +73,9 @@ _EXTENDED_HEADER_TYPES = (
     tarfile.GNUTYPE_LONGNAME,
     tarfile.GNUTYPE_LONGLINK,
 )
+
+
+T = TypeVar("T")
 
 
 class InputError(UserError):
@@ -195,13 +199,17 @@ def read_manifest(manifest: str) -> list[str]:
     .csv or .parquet (column "uri", or the only column). Relative entries are resolved against
     the manifest's own folder."""
     lower = manifest.lower()
+    fs, path = filesystem_for(manifest)
+    data = _planning_call(
+        lambda: fs.cat_file(path),
+        manifest,
+        not_found=f"manifest not found: {manifest}: check the --manifest path",
+    )
     try:
-        fs, path = filesystem_for(manifest)
         if lower.endswith(".parquet"):
-            entries = _parquet_manifest_entries(fs, path, manifest)
+            entries = _parquet_manifest_entries(data, manifest)
         else:
-            with fs.open(path, "rb") as f:
-                text = f.read().decode("utf-8-sig")
+            text = data.decode("utf-8-sig")
             if lower.endswith(".csv"):
                 entries = _csv_manifest_entries(text, manifest)
             else:
@@ -209,8 +217,6 @@ def read_manifest(manifest: str) -> list[str]:
                 entries = [line for line in entries if line and not line.startswith("#")]
     except InputError:
         raise
-    except FileNotFoundError:
-        raise InputError(f"manifest not found: {manifest}: check the --manifest path") from None
     except UnicodeDecodeError:
         raise InputError(
             f"manifest {manifest} is not UTF-8 text: give a text, .csv or .parquet manifest"
@@ -221,6 +227,23 @@ def read_manifest(manifest: str) -> list[str]:
         raise InputError(f"manifest {manifest} lists no URIs: add one input URI per line")
     base = _parent_uri(manifest)
     return [_resolve_relative(entry, base) for entry in entries]
+
+
+def _planning_call(call: Callable[[], T], what: str, not_found: str) -> T:
+    """A listing or read of planning, retried as every storage call is. What the user can fix
+    (missing, forbidden) is an InputError; a store that keeps failing stays a StorageError: the
+    run stops before any work, and the same command may simply be run again."""
+    try:
+        return with_retries(call, f"cannot read {what}")
+    except StorageError as error:
+        if isinstance(error.__cause__, FileNotFoundError):
+            raise InputError(not_found) from None
+        if isinstance(error.__cause__, PermissionError):
+            raise InputError(
+                f"cannot read {what}: {storage_reason(error.__cause__)}: check the credentials' "
+                "read permission"
+            ) from None
+        raise
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -341,14 +364,11 @@ def _expand_named(
     listing: _Listing,
     info: dict | None = None,
 ) -> list[str]:
-    try:
-        info = info or fs.info(path)
-    except FileNotFoundError:
-        raise InputError(
-            f"input not found: {pattern}{where}: check the path, bucket and key"
-        ) from None
-    except Exception as exc:
-        raise InputError(f"cannot read input {pattern}{where}: {error_reason(exc)}") from None
+    info = info or _planning_call(
+        lambda: fs.info(path),
+        f"input {pattern}{where}",
+        not_found=f"input not found: {pattern}{where}: check the path, bucket and key",
+    )
     if info.get("type") == "directory":
         found = _list_folder(fs, path, listing)
         if not found:
@@ -360,12 +380,20 @@ def _expand_named(
 def _expand_glob(
     fs: fsspec.AbstractFileSystem, path: str, pattern: str, where: str, listing: _Listing
 ) -> list[str]:
-    try:
-        matches = fs.glob(path, detail=True)
-    except ValueError as exc:  # e.g. "**" not a whole path component
-        raise InputError(f"invalid glob {pattern}{where}: {exc}") from None
-    except Exception as exc:
-        raise InputError(f"cannot list {pattern}{where}: {error_reason(exc)}") from None
+
+    def glob() -> dict | ValueError:
+        try:
+            return fs.glob(path, detail=True)
+        except ValueError as exc:  # e.g. "**" not a whole path component: not worth a retry
+            return exc
+
+    matches = _planning_call(
+        glob,
+        f"the files of {pattern}{where}",
+        not_found=f"no files to label match {pattern}{where}: check the pattern",
+    )
+    if isinstance(matches, ValueError):
+        raise InputError(f"invalid glob {pattern}{where}: {matches}")
     # Hidden names are skipped below the pattern's literal folder, as in a folder listing.
     literal_root = posixpath.dirname(re.split(r"[*?]", path, maxsplit=1)[0])
     files: list[str] = []
@@ -386,11 +414,12 @@ def _expand_glob(
 
 def _list_folder(fs: fsspec.AbstractFileSystem, folder: str, listing: _Listing) -> list[str]:
     """Input files anywhere under a folder: all but hidden ones (".x") and ast-label outputs."""
-    files = [
-        path
-        for path, info in sorted(fs.find(folder, detail=True).items())
-        if info.get("type") == "file"
-    ]
+    found = _planning_call(
+        lambda: fs.find(folder, detail=True),
+        f"the folder {folder}",
+        not_found=f"input not found: {folder}: check the path, bucket and key",
+    )
+    files = [path for path, info in sorted(found.items()) if info.get("type") == "file"]
     return [uri_for(fs, path) for path in listing.inputs(folder, files)]
 
 
@@ -427,12 +456,11 @@ def _csv_manifest_entries(text: str, manifest: str) -> list[str]:
     return [row[column].strip() for row in body if len(row) > column and row[column].strip()]
 
 
-def _parquet_manifest_entries(fs: fsspec.AbstractFileSystem, path: str, manifest: str) -> list[str]:
+def _parquet_manifest_entries(data: bytes, manifest: str) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+    table = pq.read_table(pa.BufferReader(data))
     names = table.column_names
     if "uri" in names:
         column = table.column("uri")

@@ -9,6 +9,9 @@ the pipeline.)
 
 Faults of the store are never the data's: after the retries they surface as `StorageError`, which
 the stages turn into a unit that does not commit (a rerun reads it again), never an error row.
+`with_retries` takes every exception of a call for a fault of the store: many are not OSErrors
+(aiohttp's ClientPayloadError for a body cut short, botocore's ConnectionClosedError and
+EndpointConnectionError; tests/fault_proxy.py lists what each fault looks like).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import functools
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,12 +31,17 @@ from fsspec.implementations.local import LocalFileSystem
 
 T = TypeVar("T")
 
-# botocore's own retries of one request (standard mode: exponential backoff with jitter, SlowDown
-# and 5xx included), below our RetryPolicy. Kept short: botocore's adaptive mode with 10 attempts
-# took 5 minutes and more per call in a 503 storm (s3fs loops over SlowDown on top), and its retry
-# quota stops all retries of a client after 100 failures; RetryPolicy's pauses ride out longer
-# outages instead. AST_LABEL_S3_ATTEMPTS overrides the count (tests make storms short).
+# The client's own retries of one request, below our RetryPolicy: botocore's (standard mode:
+# exponential backoff with jitter, SlowDown and 5xx included) and s3fs's loop around it (SlowDown,
+# dropped connections, bodies cut short), each this many attempts. Kept short: botocore's adaptive
+# mode with 10 attempts took 5 minutes and more per call in a 503 storm (s3fs loops over SlowDown
+# on top), and its retry quota stops all retries of a client after 100 failures; RetryPolicy's
+# pauses ride out longer outages instead. AST_LABEL_S3_ATTEMPTS overrides the count (tests make
+# storms short).
 S3_CLIENT_ATTEMPTS = 5
+# Seconds to connect, and to wait for an answer's next bytes, before a request counts as failed
+# (and is retried). AST_LABEL_S3_TIMEOUT_S overrides both (tests make timeouts short).
+S3_TIMEOUT_S = 15.0
 
 
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -68,6 +77,7 @@ def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
             os.environ.get("AWS_ENDPOINT_URL_S3"),
             os.environ.get("AWS_PROFILE"),
             os.environ.get("AST_LABEL_S3_ATTEMPTS"),
+            os.environ.get("AST_LABEL_S3_TIMEOUT_S"),
         )
         return fs, fs._strip_protocol(uri)
     # fsspec keeps its own per-process instance cache for the other schemes.
@@ -109,7 +119,8 @@ def _s3_filesystem(
     endpoint_url: str | None,
     endpoint_url_s3: str | None,
     profile: str | None,
-    attempts: str | None,
+    attempts_text: str | None,
+    timeout_text: str | None,
 ) -> fsspec.AbstractFileSystem:
     import s3fs  # imported lazily: purely local runs never need botocore
 
@@ -117,12 +128,17 @@ def _s3_filesystem(
     # every endpoint; this function's cache is the one that knows the environment.
     # use_listings_cache=False: other processes (Ray workers) write the output and commit markers
     # this process lists; a cached listing would hide them for the life of the process.
-    attempts = int(os.environ.get("AST_LABEL_S3_ATTEMPTS", S3_CLIENT_ATTEMPTS))
+    attempts = max(1, int(attempts_text or S3_CLIENT_ATTEMPTS))
+    timeout_s = float(timeout_text or S3_TIMEOUT_S)
     # A fresh dict per client: botocore rewrites the retries entry in place.
-    config = {"retries": {"total_max_attempts": attempts, "mode": "standard"}}
-    return s3fs.S3FileSystem(
-        config_kwargs=config, skip_instance_cache=True, use_listings_cache=False
-    )
+    config = {
+        "retries": {"total_max_attempts": attempts, "mode": "standard"},
+        "connect_timeout": timeout_s,
+        "read_timeout": timeout_s,
+    }
+    fs = s3fs.S3FileSystem(config_kwargs=config, skip_instance_cache=True, use_listings_cache=False)
+    fs.retries = attempts  # s3fs's own loop: an attribute, not a constructor argument
+    return fs
 
 
 # --- faults and retries -------------------------------------------------------------------------
@@ -130,13 +146,19 @@ def _s3_filesystem(
 
 class StorageError(Exception):
     """A read or write that the store failed (5xx, throttling, dropped connections, timeouts, an
-    object listed at planning time that is now missing or forbidden), after the retries."""
+    object listed at planning time that is now missing, forbidden or replaced), after the
+    retries."""
+
+
+class ObjectChanged(Exception):
+    """The object was replaced while being read: the bytes after a retry would be another
+    object's. Not the data's fault either; a rerun reads the new object whole."""
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Our retries, on top of the client's own (botocore's adaptive mode, s3fs's loop): a call
-    that still fails is tried again after a pause with full jitter, 1, 2, 4, ... s (at most
+    """Our retries, on top of the client's own (botocore's standard mode, s3fs's loop): a call
+    that still fails is tried again after a pause with full jitter, up to 1, 2, 4, ... s (at most
     `max_delay_s`), `attempts` times in all. A burst of errors longer than the client's retries
     then does not end a unit; one longer than these does, and the rerun reads it again.
 
@@ -160,23 +182,57 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay_s, self.first_delay_s * 2**attempt))
 
 
-# Not worth retrying: the object is gone or forbidden, and will be for the next few seconds too.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Not worth retrying: the object is gone, forbidden or replaced, and will be for the next few
+# seconds too.
+_PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    ObjectChanged,
+)
+# ...except this "not found", which is a write that was done: when the answer to a multipart
+# upload's completion is lost, the client's retry finds the upload already gone (s3fs raises
+# FileNotFoundError). Writing the whole object again is right; giving up would fail the unit.
+_WRITE_DONE_CODES = frozenset({"NoSuchUpload"})
 
 
 def with_retries(call: Callable[[], T], what: str, policy: RetryPolicy | None = None) -> T:
-    """call(), retried per the policy; its last failure raised as StorageError("<what>: reason")."""
+    """call(), retried per the policy; its last failure raised as StorageError("<what>: reason").
+
+    Any exception of the call is a fault of the store (see the module docstring); the ones
+    that retrying cannot help (`is_permanent`) fail at once.
+    """
     policy = policy or RetryPolicy.from_environment()
     for attempt in range(policy.attempts):
         try:
             return call()
-        except _PERMANENT as error:
-            raise StorageError(f"{what}: {storage_reason(error)}") from error
         except Exception as error:
-            if attempt + 1 >= policy.attempts:
+            if is_permanent(error) or attempt + 1 >= policy.attempts:
                 raise StorageError(f"{what}: {storage_reason(error)}") from error
             time.sleep(policy.delay_s(attempt))
     raise AssertionError("unreachable")
+
+
+def is_permanent(error: BaseException) -> bool:
+    """Whether retrying cannot help: the object or bucket is missing, access is denied, the
+    object was replaced while being read, or there are no credentials to sign with."""
+    if isinstance(error, _PERMANENT):
+        return _s3_error_code(error) not in _WRITE_DONE_CODES
+    # Only a loaded botocore can have raised its own errors; local runs never import it.
+    botocore_errors = sys.modules.get("botocore.exceptions")
+    return botocore_errors is not None and isinstance(
+        error, botocore_errors.NoCredentialsError | botocore_errors.PartialCredentialsError
+    )
+
+
+def _s3_error_code(error: BaseException) -> str | None:
+    """The S3 error code ("NoSuchKey", "AccessDenied", ...) behind an s3fs error, when known."""
+    for candidate in (error, error.__cause__):
+        response = getattr(candidate, "response", None)
+        if isinstance(response, dict):
+            return response.get("Error", {}).get("Code")
+    return None
 
 
 def storage_reason(error: BaseException) -> str:
@@ -190,7 +246,12 @@ def storage_reason(error: BaseException) -> str:
 class RetryingReader:
     """A forward-only reader of one object that outlives dropped connections and 5xx answers:
     a failed read is retried on a fresh handle from the same offset (a ranged GET), per the
-    policy. What tarfile's stream mode needs: read(n) and close()."""
+    policy. What tarfile's stream mode needs: read(n) and close().
+
+    A fresh handle must read the same object: s3fs pins one handle's reads to the ETag it saw
+    (If-Match), but a new handle sees whatever the key holds now. One whose ETag differs from the
+    first handle's raises ObjectChanged rather than splice two objects' bytes together.
+    """
 
     def __init__(
         self,
@@ -204,10 +265,17 @@ class RetryingReader:
         self._block_size = block_size
         self._policy = policy or RetryPolicy.from_environment()
         self._position = 0
+        self._etag: str | None = None  # of the first handle; None for local files
         self._handle = with_retries(self._open, f"cannot open {uri_for(fs, path)}", self._policy)
+        self._etag = _etag_of(self._handle)
 
     def _open(self):
         handle = self._fs.open(self._path, "rb", block_size=self._block_size)
+        etag = _etag_of(handle)
+        if self._etag is not None and etag != self._etag:
+            with contextlib.suppress(Exception):
+                handle.close()
+            raise ObjectChanged(f"the object was replaced while being read (ETag {etag})")
         if self._position:
             handle.seek(self._position)
         return handle
@@ -240,3 +308,8 @@ class RetryingReader:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _etag_of(handle) -> str | None:
+    details = getattr(handle, "details", None)  # s3fs: the HEAD's answer; local files: none
+    return details.get("ETag") if isinstance(details, dict) else None

@@ -14,11 +14,20 @@ unchanged (method, path, query, headers, body), except when a fault is injected:
 - delay: the request is forwarded at once and its answer held back `delay_s` seconds (a client
   whose read timeout is shorter gives up and retries; the store applied the first request);
 - storm: every matching request gets the storm's 5xx, unforwarded, until the test ends it
-  (`end_storm()`) or `max_failures` requests have failed; a storm takes precedence over the rules.
+  (`end_storm()`) or `max_failures` requests have failed; a storm takes precedence over the rules;
+- refused: an object that is gone or forbidden (`refuse(path, status=404 | 403, after=n)`):
+  after the first `after` matching requests, every one is answered 404 NoSuchKey or 403
+  AccessDenied, unforwarded, until `clear_refusals()`. Not a fault of the store's health: what a
+  client sees when an input listed at planning time is deleted, or a prefix is not writable.
+  Refusals take precedence over storms and rules.
+
+A rule with `max_faults` injects at most that many faults (then passes requests through): "the
+first PUT of a marker loses its answer", whatever else happens at random beside it.
 
     rules = [FaultRule(path=r"/bucket/shards/", methods="GET", drop_rate=0.2)]
     with FaultProxy(s3_server.endpoint_url, rules, seed=1) as proxy:   # or the fixture below
         proxy.start_storm(r"/_commits/", methods="PUT", status=503, max_failures=10)
+        proxy.refuse(r"/bucket/shards/shard-3", status=404, after=1)   # gone after one HEAD
         ...                                  # AWS_ENDPOINT_URL=proxy.url for the code under test
         assert proxy.faults_injected("storm") == 10
 
@@ -72,11 +81,12 @@ What surfaces after all retries:
   response from endpoint URL: "http://127.0.0.1:PORT/bucket/key".', context
   aiohttp.ServerDisconnectedError. The write has happened. Default retries: 50 PUTs in 39 s.
 - dropped CompleteMultipartUpload answer: the object is written; botocore's retry finds the
-  upload gone and s3fs raises `FileNotFoundError` ("The specified upload does not exist...")
-  for a write that succeeded (moto; real S3's answer to a repeated complete is not checked
-  here). A dropped CreateMultipartUpload answer leaves orphan uploads behind. When one part of
-  `pipe_file` fails, s3fs aborts the upload and raises while the sibling parts' tasks go on
-  retrying in the background.
+  upload gone and s3fs raises `FileNotFoundError` ("The specified upload does not exist...",
+  `__cause__` a ClientError with Code "NoSuchUpload") for a write that succeeded (moto; real
+  S3's answer to a repeated complete is not checked here). pipeline.storage retries such a
+  write whole instead of taking it for a missing object. A dropped CreateMultipartUpload answer
+  leaves orphan uploads behind. When one part of `pipe_file` fails, s3fs aborts the upload and
+  raises while the sibling parts' tasks go on retrying in the background.
 - delay past read_timeout (s3fs default 15 s): `botocore.exceptions.ReadTimeoutError`,
   'Read timeout on endpoint URL: "..."', an OSError with errno None (its MRO runs through
   botocore's vendored requests.RequestException, an OSError); context aiohttp
@@ -96,12 +106,14 @@ How long retries take (one call against a storm that outlasts them, measured):
   44 s (25 requests); 503 ranged GET 34 s (25); dropped PUT answer 39 s (50); dropped LIST
   answer 48 s (25); dropped GET body 2.8 s (5). A GET delayed past the 15 s read timeout:
   25 x 5 x 15 s > 30 min.
-- pipeline.storage's `{"max_attempts": 10, "mode": "adaptive"}` (11 requests, expected sum of
-  sleeps ~65 s per s3fs attempt): 500 PUT 38 s (11 requests); 503 HEAD 76 s (11); 503 PUT
-  321 s (55); 503 ranged GET 385 s (55); dropped PUT answer 308 s (110); dropped LIST answer
-  324 s (55); dropped GET body 2.1 s (5). A GET dropped before its status line: 2 x 25 x 11 =
-  550 requests; delayed past the read timeout: 275 x 15 s, over an hour. A faulty unit can thus
-  hold a worker for many minutes before the error surfaces.
+- an earlier pipeline.storage setting, `{"max_attempts": 10, "mode": "adaptive"}` (11 requests,
+  expected sum of sleeps ~65 s per s3fs attempt): 500 PUT 38 s (11 requests); 503 HEAD 76 s
+  (11); 503 PUT 321 s (55); 503 ranged GET 385 s (55); dropped PUT answer 308 s (110); dropped
+  LIST answer 324 s (55); dropped GET body 2.1 s (5). A GET dropped before its status line:
+  2 x 25 x 11 = 550 requests; delayed past the read timeout: 275 x 15 s, over an hour. A faulty
+  unit could thus hold a worker for many minutes before the error surfaced (pipeline.storage
+  now keeps botocore at 5 standard-mode attempts; AST_LABEL_S3_ATTEMPTS bounds both client
+  layers).
 """
 
 from __future__ import annotations
@@ -129,8 +141,13 @@ S3_ERRORS = {
     500: ("InternalError", "We encountered an internal error. Please try again."),
     503: ("SlowDown", "Please reduce your request rate."),
 }
+# ...and for an object that is gone or forbidden (refusals).
+S3_REFUSALS = {
+    403: ("AccessDenied", "Access Denied"),
+    404: ("NoSuchKey", "The specified key does not exist."),
+}
 
-FAULT_KINDS = ("error", "storm", "drop", "delay")
+FAULT_KINDS = ("error", "storm", "drop", "delay", "refused")
 
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never forwarded; the proxy
 # frames each body itself with Content-Length.
@@ -182,6 +199,7 @@ class FaultRule:
     drop_before_status: bool = False
     delay_rate: float = 0.0
     delay_s: float = 0.0
+    max_faults: int | None = None  # at most this many faults (errors, drops, delays) in all
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", _methods(self.methods))
@@ -213,6 +231,19 @@ class Storm:
         return self.max_failures is not None and self.failures >= self.max_failures
 
 
+@dataclass
+class Refusal:
+    """Matching requests after the first `after` get 404 NoSuchKey or 403 AccessDenied."""
+
+    path: str
+    methods: frozenset[str] | None
+    query: str | None
+    status: int
+    after: int = 0
+    seen: int = 0  # matching requests so far, let through or refused
+    refused: int = 0
+
+
 def _matches(
     methods: frozenset[str] | None,
     path_regex: str,
@@ -234,6 +265,7 @@ class RequestRecord:
     path: str
     query: str
     time: float  # time.monotonic() on arrival
+    range: str = ""  # the Range header ("bytes=0-1023"), "" when none
 
 
 @dataclass(frozen=True)
@@ -242,14 +274,15 @@ class FaultEvent:
     method: str
     path: str
     query: str
-    status: int | None = None  # the 5xx of "error" and "storm"
+    status: int | None = None  # the 5xx of "error" and "storm", the 403 or 404 of "refused"
+    request: int = -1  # the faulty request's index in request_log()
 
 
 @dataclass
 class _Plan:
     """What happens to one request."""
 
-    status: int | None = None  # answer this 5xx without forwarding
+    status: int | None = None  # answer this 5xx (or refusal's 403/404) without forwarding
     drop_fraction: float | None = None  # cut the answer after this fraction of its body
     drop_before_status: bool = False  # cut it before its status line
     delay_s: float = 0.0
@@ -286,6 +319,8 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._rules: list[FaultRule] = list(rules)
         self._storm: Storm | None = None
+        self._refusals: list[Refusal] = []
+        self._rule_faults: Counter[int] = Counter()  # id(rule) -> faults it injected
         self._log = _Log()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -370,6 +405,7 @@ class FaultProxy:
     def set_rules(self, rules: Iterable[FaultRule]) -> None:
         with self._lock:
             self._rules = list(rules)
+            self._rule_faults.clear()
 
     def clear_rules(self) -> None:
         self.set_rules(())
@@ -400,6 +436,41 @@ class FaultProxy:
         with self._lock:
             return self._storm is not None and not self._storm.exhausted
 
+    def refuse(
+        self,
+        path: str,
+        *,
+        methods: str | Iterable[str] | None = None,
+        query: str | None = None,
+        status: int = 404,
+        after: int = 0,
+    ) -> Refusal:
+        """From the `after`+1-th matching request on, answers 404 NoSuchKey (the object is gone)
+        or 403 AccessDenied (forbidden), unforwarded, until clear_refusals()."""
+        if status not in S3_REFUSALS:
+            raise ValueError(f"status must be one of {sorted(S3_REFUSALS)}, got {status}")
+        re.compile(path)
+        refusal = Refusal(path, _methods(methods), query, status, after)
+        with self._lock:
+            self._refusals.append(refusal)
+        return refusal
+
+    def clear_refusals(self) -> None:
+        with self._lock:
+            self._refusals = []
+
+    def reset(self, seed: int | None = None) -> None:
+        """No rules, storm or refusals, and fresh counters: as a new proxy (for shared fixtures);
+        with a seed, the dice start again from it."""
+        with self._lock:
+            if seed is not None:
+                self._rng = random.Random(seed)
+            self._rules = []
+            self._rule_faults.clear()
+            self._storm = None
+            self._refusals = []
+            self._log = _Log()
+
     # -- counters --------------------------------------------------------------------------------
 
     def requests_seen(self, method: str | None = None, path: str | None = None) -> int:
@@ -416,7 +487,7 @@ class FaultProxy:
     def faults_injected(
         self, kind: str | None = None, method: str | None = None, path: str | None = None
     ) -> int:
-        """Faults injected, optionally by kind ("error", "storm", "drop", "delay"), method, path."""
+        """Faults injected, optionally by kind (one of FAULT_KINDS), method, path."""
         return len(self.fault_log(kind, method, path))
 
     def fault_log(
@@ -455,10 +526,17 @@ class FaultProxy:
 
     # -- used by the handler threads -------------------------------------------------------------
 
-    def _plan(self, method: str, path: str, query: str) -> _Plan:
+    def _plan(self, method: str, path: str, query: str, range_: str = "") -> _Plan:
         plan = _Plan()
         with self._lock:
-            self._log.requests.append(RequestRecord(method, path, query, time.monotonic()))
+            self._log.requests.append(RequestRecord(method, path, query, time.monotonic(), range_))
+            for refusal in self._refusals:
+                if _matches(refusal.methods, refusal.path, refusal.query, method, path, query):
+                    refusal.seen += 1
+                    if refusal.seen > refusal.after:
+                        refusal.refused += 1
+                        self._record("refused", method, path, query, refusal.status)
+                        return _Plan(status=refusal.status)
             storm = self._storm
             if (
                 storm is not None
@@ -468,25 +546,34 @@ class FaultProxy:
                 storm.failures += 1
                 self._record("storm", method, path, query, storm.status)
                 return _Plan(status=storm.status)
+            delaying: list[FaultRule] = []
             for rule in self._rules:
                 if not rule.matches(method, path, query):
                     continue
                 # Each rule draws all three dice, so which faults a rule injects does not shift
                 # the random sequence of the rules after it.
                 error, drop, delay = (self._rng.random() for _ in range(3))
+                if rule.max_faults is not None and self._rule_faults[id(rule)] >= rule.max_faults:
+                    continue
                 if delay < rule.delay_rate and rule.delay_s > 0:
                     plan.delay_s += rule.delay_s
+                    delaying.append(rule)
                 if plan.status is None and plan.drop_fraction is None:
                     if error < rule.error_rate:
                         plan.status = rule.error_status
+                        self._rule_faults[id(rule)] += 1
                     elif drop < rule.drop_rate:
                         plan.drop_fraction = rule.drop_fraction
                         plan.drop_before_status = rule.drop_before_status
+                        self._rule_faults[id(rule)] += 1
             if plan.status is not None:
-                # An error is answered at once: a delay decided beside it does not happen.
+                # An error is answered at once: a delay decided beside it does not happen (and
+                # does not count against its rule's max_faults).
                 plan.delay_s = 0.0
                 plan.drop_fraction = None
                 self._record("error", method, path, query, plan.status)
+            else:
+                self._rule_faults.update(id(rule) for rule in delaying)
             if plan.delay_s:
                 self._record("delay", method, path, query)
             if plan.drop_fraction is not None:
@@ -494,7 +581,9 @@ class FaultProxy:
         return plan
 
     def _record(self, kind: str, method: str, path: str, query: str, status=None) -> None:
-        self._log.faults.append(FaultEvent(kind, method, path, query, status))
+        # Called by _plan under the lock, right after it logged the request.
+        request = len(self._log.requests) - 1
+        self._log.faults.append(FaultEvent(kind, method, path, query, status, request))
 
     def _track(self, connection: socket.socket, open_: bool) -> None:
         with self._lock:
@@ -549,7 +638,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         except (ValueError, OSError):
             self.close_connection = True
             return
-        plan = proxy._plan(self.command, path, query)
+        plan = proxy._plan(self.command, path, query, self.headers.get("Range", ""))
         try:
             if plan.status is not None:
                 self._send_s3_error(plan.status, path)
@@ -648,7 +737,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             pass
 
     def _send_s3_error(self, status: int, resource: str) -> None:
-        code, message = S3_ERRORS[status]
+        code, message = {**S3_ERRORS, **S3_REFUSALS}[status]
         request_id = uuid.uuid4().hex[:16].upper()
         body = (
             '<?xml version="1.0" encoding="UTF-8"?>\n'

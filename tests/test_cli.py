@@ -22,6 +22,7 @@ from conftest import free_port
 from ast_model.checkpoint import CheckpointError
 from pipeline.cli import EXIT_STATUSES, exit_status, main
 from pipeline.errors import Interrupted, RunIncomplete, UserError, WorkFailed
+from pipeline.storage import StorageError
 
 REPO = Path(__file__).resolve().parent.parent
 AST_LABEL = Path(sys.executable).parent / "ast-label"
@@ -116,6 +117,19 @@ def test_every_command_maps_errors_to_one_line_and_the_same_exit_status(error, s
     assert error_lines(result.output) == [f"Error: {str(error) or 'interrupted'}"]
     if not isinstance(error, KeyboardInterrupt):
         assert exit_status(error) == status
+
+
+def test_a_store_that_keeps_failing_is_one_line_saying_to_run_again():
+    @click.command(cls=main.command_class)
+    def failing() -> None:
+        raise StorageError("cannot list s3://b/out: OSError: We encountered an internal error")
+
+    result = CliRunner().invoke(failing)
+    assert result.exit_code == 3
+    assert error_lines(result.output) == [
+        "Error: cannot list s3://b/out: OSError: We encountered an internal error: the store "
+        "kept failing; run the same command again"
+    ]
 
 
 def test_bugs_keep_their_traceback():
