@@ -7,8 +7,9 @@ plain transformers loop, start-up, where the time goes, and peak memory.
 
 All figures come from one invocation, on the same generated corpus (10 s mono 16 kHz FLAC clips in
 WebDataset tars of 50):
-- floor: decode + fbank of every clip in this process, one thread (pipeline.audio +
-  ast_model.features, batches of 16): the work the pipeline exists to do;
+- floor: decode + fbank of 200 clips in this process, one thread (pipeline.audio +
+  ast_model.features, batches of 16), the best of three warm passes: the work the pipeline
+  exists to do;
 - model: our AST forward on the same fbank, one thread (its work, without any threading cost);
 - Ray's own floor: a fresh process that starts a local Ray and runs an empty Ray Data graph of
   the same shape (a read, one actor, one task stage): the start-up no Ray Data job avoids;
@@ -101,43 +102,56 @@ def write_corpus(directory: Path, clips: int, seed: int = 0) -> list[bytes]:
 # --- references measured in this process ------------------------------------------------------
 
 
-def floor_fbank(clips: list[bytes]) -> tuple[float, list[torch.Tensor]]:
-    """CPU-seconds per clip of decode + window + fbank on one thread; and the fbank batches."""
+def floor_fbank(clips: list[bytes], repeats: int = 3) -> tuple[float, list[torch.Tensor]]:
+    """CPU-seconds per clip of decode + window + fbank on one thread (the best of `repeats`
+    passes after a warm-up, as the pipeline's long-lived workers run warm); and the fbank."""
     from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
     from pipeline.audio import cut_windows, decode_audio
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     config = FbankConfig()
-    batches = []
-    started = time.process_time()
-    with torch.inference_mode():
-        for first in range(0, len(clips), FLOOR_BATCH):
+
+    def one_pass(part: list[bytes]) -> list[torch.Tensor]:
+        batches = []
+        for first in range(0, len(part), FLOOR_BATCH):
             windows = []
-            for data in clips[first : first + FLOOR_BATCH]:
+            for data in part[first : first + FLOOR_BATCH]:
                 decoded = decode_audio(data, "flac", 3600.0)
                 windows += [w.waveform for w in cut_windows(decoded.waveform, 10.24)]
             batches.append(compute_fbank(*pad_waveforms(windows), config))
-    per_clip = (time.process_time() - started) / len(clips)
+        return batches
+
+    with torch.inference_mode():
+        one_pass(clips[:FLOOR_BATCH])
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.process_time()
+            batches = one_pass(clips)
+            best = min(best, time.process_time() - started)
     torch.set_num_threads(threads)
-    return per_clip, batches
+    return best / len(clips), batches
 
 
-def model_cpu(checkpoint: Path, batches: list[torch.Tensor], threads: int = 1) -> float:
-    """CPU-seconds per clip of our model's forward."""
+def model_cpu(
+    checkpoint: Path, batches: list[torch.Tensor], threads: int = 1, repeats: int = 3
+) -> float:
+    """CPU-seconds per clip of our model's forward (best of `repeats` passes after a warm-up)."""
     from ast_model.checkpoint import load_checkpoint
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     model = load_checkpoint(str(checkpoint)).model.eval()
+    best = float("inf")
     with torch.inference_mode():
         model(batches[0])  # warm-up
-        started = time.process_time()
-        for batch in batches:
-            model(batch)
-        spent = time.process_time() - started
+        for _ in range(repeats):
+            started = time.process_time()
+            for batch in batches:
+                model(batch)
+            best = min(best, time.process_time() - started)
     torch.set_num_threads(previous)
-    return spent / sum(len(batch) for batch in batches)
+    return best / sum(len(batch) for batch in batches)
 
 
 def transformers_loop_s(checkpoint: Path, clips: list[bytes]) -> float:
@@ -234,8 +248,16 @@ def _process_title(proc: Path) -> str:
 
 
 def run_ast_label(
-    corpus: Path, output: Path, checkpoint: Path, clips: int, memory: bool, extra: list[str]
+    corpus: Path,
+    output: Path,
+    checkpoint: Path,
+    clips: int,
+    memory: bool,
+    extra: list[str],
+    code: Path | None = None,
 ) -> RunCost:
+    """`ast-label run` in a fresh process; with `code`, the ast-label of that checkout (an
+    earlier commit, for a before/after in one invocation) instead of this one."""
     command = [
         str(Path(sys.executable).with_name("ast-label")),
         "run",
@@ -247,9 +269,17 @@ def run_ast_label(
         *extra,
     ]
     env = {**os.environ, **HF_OFFLINE, "RAY_ADDRESS": ""}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     started = time.perf_counter()
     process = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        command,
+        env=env,
+        # Ray puts the driver's working directory first on its workers' sys.path.
+        cwd=code,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     sampler = SessionSampler(process.pid, memory)
     sampler.thread.start()
@@ -260,7 +290,10 @@ def run_ast_label(
     sampler.thread.join()
     if process.returncode != 0:
         raise SystemExit(f"ast-label run failed:\n{stderr.decode()[-3000:]}")
-    summary = json.loads((output / ".ast-label" / "summary.json").read_text())
+    summary_file = output / ".ast-label" / "summary.json"
+    if not summary_file.exists():  # versions before 2026-11-25 kept it at the top
+        summary_file = output / "_summary.json"
+    summary = json.loads(summary_file.read_text())
     assert summary["files"] == clips and summary["errors"] == 0, summary
     stats_file = output / ".ast-label" / "ray-data-stats.txt"
     stats = stats_file.read_text() if stats_file.exists() else "(no stats file)"
@@ -300,6 +333,11 @@ def ray_data_floor() -> float:
     return sampler.cpu_s
 
 
+def marginal_and_startup(small: RunCost, full: RunCost) -> tuple[float, float]:
+    marginal = (full.cpu_s - small.cpu_s) / (full.clips - small.clips)
+    return marginal, small.cpu_s - small.clips * marginal
+
+
 def stage_lines(stats: str) -> list[str]:
     """The per-operator headline and CPU lines of Ray Data's stats."""
     keep = ("Operator", "* Remote cpu time", "* Remote wall time", "* Output num rows per block")
@@ -310,10 +348,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--clips", type=int, default=2000, help="Clips of the full run.")
-    parser.add_argument("--small-clips", type=int, default=100, help="Clips of the small run.")
+    parser.add_argument(
+        "--small-clips",
+        type=int,
+        default=400,
+        help="Clips of the small run: enough units that it starts every process the full run does.",
+    )
     parser.add_argument("--memory", action="store_true", help="Also peak memory at 10x clips.")
     parser.add_argument(
         "--run-args", default="", help="Extra `ast-label run` options, e.g. '--batch-size 32'."
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="A checkout of an earlier ast-label (git worktree add /tmp/before REV): its small "
+        "and full runs are measured too, in this invocation, for a before/after.",
+    )
+    parser.add_argument(
+        "--before-args", default="", help="`ast-label run` options for --before's runs."
     )
     args = parser.parse_args()
     extra = args.run_args.split()
@@ -325,7 +377,7 @@ def main() -> None:
         clips = write_corpus(root / "corpus", args.clips)
         write_corpus(root / "small", args.small_clips)
 
-        floor, batches = floor_fbank(clips[: min(len(clips), 400)])
+        floor, batches = floor_fbank(clips[: min(len(clips), 200)])
         model = model_cpu(checkpoint, batches[:8])
         ray_floor = ray_data_floor()
         base_s = transformers_loop_s(checkpoint, clips)
@@ -336,8 +388,7 @@ def main() -> None:
             root / "corpus", root / "out", checkpoint, args.clips, args.memory, extra
         )
 
-        marginal = (full.cpu_s - small.cpu_s) / (full.clips - small.clips)
-        startup = small.cpu_s - small.clips * marginal
+        marginal, startup = marginal_and_startup(small, full)
         outside = marginal - model
         print(
             f"model {args.size}; {args.clips} clips of {CLIP_S:g} s; {cpus} CPUs; "
@@ -371,6 +422,21 @@ def main() -> None:
         print("where the time goes (Ray Data operator stats, full run):")
         for line in stage_lines(full.stats):
             print(f"  {line.strip()}")
+        if args.before:
+            before_extra = args.before_args.split()
+            runs = [
+                run_ast_label(root / corpus, root / f"before-{corpus}", checkpoint, count, False,
+                              before_extra, code=args.before)
+                for corpus, count in (("small", args.small_clips), ("corpus", args.clips))
+            ]  # fmt: skip
+            before_marginal, before_startup = marginal_and_startup(*runs)
+            print(
+                f"before ({args.before}, {' '.join(before_extra) or 'defaults'}): marginal "
+                f"{before_marginal * 1e3:.2f} ms per clip, outside the model "
+                f"{(before_marginal - model) * 1e3:.2f} = {(before_marginal - model) / floor:.2f}x "
+                f"the floor; start-up {before_startup:.1f} s; {args.clips / runs[1].wall_s:.1f} "
+                f"clips/s = {base_s / runs[1].wall_s:.2f}x the transformers loop"
+            )
         if args.memory:
             write_corpus(root / "corpus10", args.clips * 10, seed=1)
             tenfold = run_ast_label(

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import uuid
 import warnings
 from collections.abc import Callable
+from concurrent.futures import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    Future,
+    ThreadPoolExecutor,
+)
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -37,14 +45,14 @@ from pipeline.sources import WorkUnit, plan_work_units
 from pipeline.stages import FeatureSettings, ReadSettings, StoredModel, feature_dtype
 from pipeline.storage import StorageError, error_reason
 
-# Commits are small tasks (read the unit's parts, write one file). In flight at once: one per
+# Commits are small (read the unit's parts, write one file). In flight at once: one per
 # COMMIT_CPUS CPUs of the cluster (at least 2): enough to keep up with the stream, few enough that
 # Ray reuses idle workers instead of starting a process (2 CPU-s of imports) per commit.
 COMMIT_CPUS = 4
+# Ray's CPU request of a read task on a cluster without GPUs (see _placement).
+CPU_ONLY_READ_CPUS = 0.5
 # Batches a GPU classifier actor works on at once (see _labeling_graph).
 GPU_CALLS_PER_CLASSIFIER = 2
-# A block holds one model batch of fbank plus its rows' other columns (a few KB).
-BLOCK_SLACK_BYTES = 1 << 20
 # Restarts of a classifier actor on a cluster (nodes come and go); none in local mode.
 CLUSTER_ACTOR_RESTARTS = 3
 # Reasons of units that did not commit shown in the summary (all are in summary.json).
@@ -101,6 +109,7 @@ class Placement:
     classifier_actors: int
     batch_size: int
     cpu_threads: int | None  # torch threads of a CPU classifier (None on GPU)
+    read_cpus: float  # Ray's CPU request of a read task
 
 
 def package_version() -> str:
@@ -202,6 +211,7 @@ def _label_units(
         {unit.unit_id: unit.sources for unit in units},
         max(2, placement.cpus // COMMIT_CPUS),
         progress,
+        in_driver=not config.address,
     )
     tracker = CommitTracker()
     for records in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -242,19 +252,20 @@ def _labeling_graph(units, read, features, model, spec, config, placement):
     from pipeline.datasource import WorkUnitSource
     from pipeline.stages import ClassifyAndStage
 
-    # Ray Data gathers a task's output into blocks of up to target_max_block_size (128 MiB):
-    # a whole read task's fbank would move as one late block. One model batch per block keeps
-    # the stream fine-grained and hands the classifier its batches as they are.
+    # Ray Data gathers a task's output into a block until it reaches target_max_block_size
+    # (128 MiB): a whole read task's fbank would move as one late block. A target of one batch's
+    # fbank makes every batch (its fbank plus the other columns) a block of its own: the stream
+    # stays fine-grained and the classifier gets its batches as they are, without re-batching.
     batch_bytes = features.batch_rows * features.fbank.max_length * features.fbank.num_mel_bins
     batch_bytes *= np.dtype(FEATURE_DTYPES[features.dtype]).itemsize
-    ray.data.DataContext.get_current().target_max_block_size = batch_bytes + BLOCK_SLACK_BYTES
+    ray.data.DataContext.get_current().target_max_block_size = batch_bytes
     # With GPUs in the cluster the read tasks use Ray's default scheduling, which keeps them off
     # GPU nodes while others fit (Ray Data would otherwise spread them over all nodes).
     cpu_stage = {"scheduling_strategy": "DEFAULT"} if placement.use_gpu else {}
     source = WorkUnitSource(units, read, features, placement.cpus)
     dataset = ray.data.read_datasource(
         source,
-        num_cpus=1,
+        num_cpus=placement.read_cpus,
         # One output stream per read task: Ray would otherwise split the blocks (already the
         # classifier's batch size) to reach its own guess of the parallelism.
         override_num_blocks=source.read_task_count,
@@ -309,11 +320,21 @@ def _placement(config: RunConfig) -> Placement:
     actors = config.classifier_actors or max(1, gpus if use_gpu else cpus // per_actor)
     threads = None if use_gpu else max(1, min(per_actor, cpus // actors))
     batch_size = config.options.batch_rows(use_gpu)
-    return Placement(use_gpu, cpus, gpus, actors, batch_size, threads)
+    # A read task keeps one core busy. Without GPUs the classifiers hold CPUs they use only as far
+    # as the model is heavy; a read asking for half a CPU lets reads use what a light model leaves
+    # (Ray Data's backpressure stops them from running ahead of a heavy one).
+    read_cpus = 1.0 if use_gpu else CPU_ONLY_READ_CPUS
+    return Placement(use_gpu, cpus, gpus, actors, batch_size, threads, read_cpus)
 
 
 class _Committer:
-    """Runs commit_unit as small Ray tasks while the stream goes on; keeps every unit's outcome."""
+    """Runs commit_unit while the stream goes on; keeps every unit's outcome.
+
+    On a cluster the commits are small Ray tasks, spread over the nodes. On this machine alone
+    (local mode) a few threads of the driver run them: a commit is mostly I/O and Parquet
+    encoding (about 0.3 ms of CPU per clip), and a worker process of its own would cost more
+    to start (2 CPU-s of imports) than all the commits of a run on a laptop.
+    """
 
     def __init__(
         self,
@@ -321,25 +342,32 @@ class _Committer:
         sources: dict[str, tuple[str, ...]],
         max_in_flight: int,
         progress: Progress | None,
+        in_driver: bool,
     ):
-        import ray
-
         self.spec = spec
         self.sources = sources
         self.max_in_flight = max_in_flight
         self.progress = progress
-        self.task = ray.remote(num_cpus=0.25)(commit_unit)
-        self.in_flight: dict = {}  # ObjectRef -> unit id
+        if in_driver:
+            self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="commit")
+            self._start = functools.partial(self._pool.submit, commit_unit)
+        else:
+            import ray
+
+            self._pool = None
+            task = ray.remote(num_cpus=0.25)(commit_unit)
+            self._start = lambda *args: task.remote(*args).future()
+        self.in_flight: dict[Future, str] = {}  # -> unit id
         self.committed: dict[str, CommittedUnit] = {}
         self.failed: dict[str, str] = {}
 
     def submit(self, unit: CompletedUnit) -> None:
-        ref = self.task.remote(
+        future = self._start(
             self.spec, unit.unit_id, self.sources[unit.unit_id], unit.part_uris, unit.rows
         )
-        self.in_flight[ref] = unit.unit_id
+        self.in_flight[future] = unit.unit_id
         while len(self.in_flight) >= self.max_in_flight:
-            self._collect(num_returns=1, timeout=None)
+            self._collect(timeout=None, every=False)
 
     def note_failure(self, unit_id: str, reason: str) -> None:
         self.failed.setdefault(unit_id, reason)
@@ -348,20 +376,24 @@ class _Committer:
 
     def collect(self, wait: bool) -> None:
         if self.in_flight:
-            self._collect(len(self.in_flight), timeout=None if wait else 0)
+            self._collect(timeout=None if wait else 0, every=wait)
         if self.progress:
             self.progress.tick()
+        if wait and self._pool is not None:
+            self._pool.shutdown()
 
-    def _collect(self, num_returns: int, timeout: float | None) -> None:
-        import ray
-
-        finished, _ = ray.wait(list(self.in_flight), num_returns=num_returns, timeout=timeout)
-        for ref in finished:
-            unit_id = self.in_flight.pop(ref)
+    def _collect(self, timeout: float | None, every: bool) -> None:
+        finished, _ = futures_wait(
+            list(self.in_flight),
+            timeout=timeout,
+            return_when=ALL_COMPLETED if every else FIRST_COMPLETED,
+        )
+        for future in finished:
+            unit_id = self.in_flight.pop(future)
             try:
-                marker = ray.get(ref)
-            except ray.exceptions.RayTaskError as error:
-                cause = error.cause if error.cause is not None else error
+                marker = future.result()
+            except Exception as error:  # the store, after the retries; a lost worker
+                cause = getattr(error, "cause", None) or error  # a Ray task's own exception
                 self.note_failure(unit_id, f"commit failed: {error_reason(cause)}")
                 continue
             unit = CommittedUnit.from_marker(marker)

@@ -62,6 +62,10 @@ MAX_BRACE_EXPANSION = 10_000_000
 _LIST_PARENT_THRESHOLD = 64
 # Object-store reads of one tar shard go in blocks this big: bounded memory, few requests.
 _STREAM_BLOCK_BYTES = 8 * 2**20
+# tarfile's stream mode reads 10 KiB at a time by default: 30 calls through the retrying reader
+# for one 300 KB clip. Reads of 256 KiB took a 300 KB member from 0.39 to 0.15 ms here (1 MiB:
+# slower again, tarfile slices its buffer by copying).
+_TAR_READ_BYTES = 256 * 2**10
 # Plain files on object storage are small and latency-bound: fetch a few ahead, in order.
 _FILE_PREFETCH = 8
 # pax / GNU long-name headers are read into memory whole; real ones are a few hundred bytes.
@@ -619,7 +623,9 @@ def _read_tar_stream(stream: IO[bytes], max_member_bytes: int) -> Iterator[Membe
     try:
         # "r|*": a forward-only stream (no seeks, no index), gzip detected from the first bytes.
         # Closed by the `with tar` below; only opening is guarded here.
-        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)  # noqa: SIM115
+        tar = tarfile.open(  # noqa: SIM115
+            fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo, bufsize=_TAR_READ_BYTES
+        )
     except StorageError:
         raise
     except Exception as exc:

@@ -264,9 +264,10 @@ class RetryingReader:
         self._path = path
         self._block_size = block_size
         self._policy = policy or RetryPolicy.from_environment()
+        self._uri = uri_for(fs, path)
         self._position = 0
         self._etag: str | None = None  # of the first handle; None for local files
-        self._handle = with_retries(self._open, f"cannot open {uri_for(fs, path)}", self._policy)
+        self._handle = with_retries(self._open, f"cannot open {self._uri}", self._policy)
         self._etag = _etag_of(self._handle)
 
     def _open(self):
@@ -292,7 +293,7 @@ class RetryingReader:
                 self._handle = None  # the next attempt starts a new request at the same offset
                 raise
 
-        what = f"cannot read {uri_for(self._fs, self._path)} at byte {self._position}"
+        what = f"cannot read {self._uri} at byte {self._position}"
         data = with_retries(attempt, what, self._policy)
         self._position += len(data)
         return data
