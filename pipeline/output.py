@@ -360,6 +360,7 @@ class CommitTracker:
     def __init__(self) -> None:
         self._units: dict[str, _UnitParts] = {}
         self.failed: dict[str, str] = {}  # unit_id -> why it did not commit
+        self._reported = 0  # failures handed out by new_failures()
 
     def add(self, records: Batch) -> list[CompletedUnit]:
         completed: list[CompletedUnit] = []
@@ -402,6 +403,12 @@ class CommitTracker:
     def fail(self, unit_id: str, reason: str) -> None:
         self._units.pop(unit_id, None)
         self.failed.setdefault(unit_id, reason)
+
+    def new_failures(self) -> list[tuple[str, str]]:
+        """(unit_id, reason) of the units failed since the last call (dicts keep their order)."""
+        failures = list(self.failed.items())[self._reported :]
+        self._reported = len(self.failed)
+        return failures
 
     @property
     def pending(self) -> dict[str, tuple[int, int]]:

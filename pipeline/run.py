@@ -217,19 +217,19 @@ def _label_units(
     for records in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for unit in tracker.add(records):
             committer.submit(unit)
-        for unit_id in list(tracker.failed):
-            committer.note_failure(unit_id, tracker.failed.pop(unit_id))
+        for unit_id, reason in tracker.new_failures():
+            committer.note_failure(unit_id, reason)
         committer.collect(wait=False)
     committer.collect(wait=True)
     with contextlib.suppress(Exception):  # diagnostics only: never fail a finished run over them
         write_stats(config.output, dataset.stats())
 
     failed = committer.failed
-    for unit_id, (rows, total) in tracker.pending.items():
-        failed[unit_id] = f"only {rows} of {total or '?'} rows reached the writer"
+    for unit_id, (rows, total) in tracker.pending.items():  # a bug, never the data: say so
+        failed.setdefault(unit_id, f"only {rows} of {total or '?'} rows reached the writer")
     for unit in units:
-        if unit.unit_id not in committer.committed and unit.unit_id not in failed:
-            failed[unit.unit_id] = "no rows reached the writer"
+        if unit.unit_id not in committer.committed:
+            failed.setdefault(unit.unit_id, "no rows reached the writer")
     for unit_id in failed:
         remove_staging(config.output, unit_id)
     remove_staging(config.output, None)

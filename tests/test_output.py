@@ -296,7 +296,10 @@ def test_tracker_fails_a_unit_that_reports_a_storage_failure():
     }
     assert tracker.add(failure) == []
     assert tracker.failed == {"u": "cannot read s3://b/u.tar: OSError: boom"}
+    assert tracker.new_failures() == [("u", "cannot read s3://b/u.tar: OSError: boom")]
+    # Parts of the failed unit still on their way change nothing, and are reported once.
     assert tracker.add(records(("u", "u/2", 2, 0))) == [] and tracker.pending == {}
+    assert tracker.new_failures() == [] and set(tracker.failed) == {"u"}
 
 
 # --- commit -----------------------------------------------------------------------------------
