@@ -21,23 +21,10 @@ from pipeline.inspect import (
     inspect_output,
 )
 from pipeline.options import LabelingOptions
+from pipeline.output import output_schema
 from pipeline.run import RunConfig, RunSummary, run_labeling
 
-COLUMNS = [
-    "shard",
-    "key",
-    "window_index",
-    "start_s",
-    "end_s",
-    "duration_s",
-    "sample_rate",
-    "embedding",
-    "scores",
-    "top_labels",
-    "top_scores",
-    "metadata",
-    "error",
-]
+COLUMNS = output_schema(1, 1).names  # pinned in test_output.py
 
 
 @pytest.fixture(scope="module")
