@@ -44,7 +44,6 @@ def configure_ray_data(verbose: bool) -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = verbose
     context.enable_operator_progress_bars = verbose
-    if not verbose:
-        # Ray Data logs each execution's plan, a periodic progress report, and a warning that the
-        # progress bars it was just told to turn off are off.
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # Quiet: Ray Data logs each execution's plan, a periodic progress report, and a warning that
+    # the progress bars it was just told to turn off are off.
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)

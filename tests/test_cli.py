@@ -59,6 +59,10 @@ def test_help_lists_every_command_and_the_exit_statuses():
         (["run", "{audio}", "--output", "{tmp}/out", "--precision", "fp8"], "--precision"),
         (["run", "{audio}", "--output", "{audio}"], "is a file, not a folder"),
         (["run", "{audio}", "--output", "{tmp}/out", "--window-s", "20"], "longer than the model"),
+        (
+            ["run", "{audio}", "--output", "{tmp}/out", "--window-s", "0.01"],
+            "--window-s 0.01 is shorter than one fbank frame (0.025 s)",
+        ),
         (["predict", "{tmp}/x.wav", "--model", "{tmp}/no-model"], "no-model"),
         (["predict", "{tmp}/x.wav"], "input not found"),
         (["predict"], "give at least one INPUT or --manifest"),

@@ -1,4 +1,5 @@
-"""ast-label's own progress line: in place on a terminal, one line per interval in a log."""
+"""The terminal: ast-label's own progress line (in place on a terminal, one line per interval in a
+log), and Ray quiet unless --verbose."""
 
 from __future__ import annotations
 
@@ -57,3 +58,25 @@ def test_in_a_log_a_line_every_interval_and_one_at_the_end():
 
 def test_durations_read_as_a_person_writes_them():
     assert [format_duration(s) for s in (5, 75, 3600 * 2 + 61)] == ["5s", "1m15s", "2h01m"]
+
+
+def test_ray_data_is_quiet_unless_verbose():
+    import logging
+
+    from ray.data import DataContext
+
+    from pipeline.cluster import configure_ray_data
+
+    context = DataContext.get_current()
+    before = (context.enable_progress_bars, context.enable_operator_progress_bars)
+    level = logging.getLogger("ray.data").level
+    try:
+        configure_ray_data(verbose=False)
+        assert not context.enable_progress_bars and not context.enable_operator_progress_bars
+        assert logging.getLogger("ray.data").level == logging.ERROR
+        configure_ray_data(verbose=True)  # --verbose: Ray's bars and INFO logs come back
+        assert context.enable_progress_bars and context.enable_operator_progress_bars
+        assert logging.getLogger("ray.data").level == logging.INFO
+    finally:
+        context.enable_progress_bars, context.enable_operator_progress_bars = before
+        logging.getLogger("ray.data").setLevel(level)
