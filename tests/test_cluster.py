@@ -139,7 +139,7 @@ def labeling_job(cluster, corpus) -> LabelingJob:
         output=output,
         gpu_nodes={n["node_id"] for n in nodes if n["resources_total"].get("GPU", 0) >= 1},
         stage_nodes={
-            "Classify": {a["node_id"] for a in actors if "(Classify)" in a["class_name"]},
+            "Classify": {a["node_id"] for a in actors if "(ClassifyAndStage)" in a["class_name"]},
             # The read tasks fetch, decode and compute the fbank: the CPU-heavy stage.
             "ReadWorkUnitSource": {
                 t["node_id"] for t in tasks if t["name"].startswith("ReadWorkUnitSource")
