@@ -209,8 +209,10 @@ class SessionSampler:
                         continue
                     key = (int(stat.parent.name), int(fields[19]))
                     self.cpu_ticks[key] = int(fields[11]) + int(fields[12])
-                    if key not in self.names or self.names[key].startswith("ray::IDLE"):
-                        self.names[key] = _process_title(stat.parent)
+                    if not _names_work(self.names.get(key, "")):
+                        title = _process_title(stat.parent)
+                        if not self.names.get(key) or _names_work(title):
+                            self.names[key] = title
                     if self.memory and rounds % 5 == 0:
                         for line in (stat.parent / "smaps_rollup").read_text().splitlines():
                             if line.startswith("Pss:"):
@@ -234,12 +236,19 @@ class SessionSampler:
         return dict(sorted(grouped.items(), key=lambda item: -item[1][1]))
 
 
+def _names_work(title: str) -> bool:
+    """Whether a title says what a process does. A Ray worker starts as default_worker.py and
+    is ray::IDLE between tasks; its first task or actor class names it for good."""
+    return title.startswith("ray::") and title != "ray::IDLE"
+
+
 def _process_title(proc: Path) -> str:
-    """A short name for a process: Ray's worker title (ray::Task), or the program's name."""
+    """A short name for a process: Ray's task or actor class (ray::ReadWorkUnitSource,
+    ray::_StatsActor: an actor's method calls count under its class), or the program's name."""
     words = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
     first = words[0]
     if first.startswith("ray::"):
-        return first.split(" ")[0].split("(")[0]
+        return first.split(" ")[0].split("(")[0].split(".")[0]
     program = os.path.basename(first)
     if program.startswith("python") and len(words) > 1:
         script = next((w for w in words[1:] if w and not w.startswith("-")), "")
