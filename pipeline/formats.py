@@ -42,12 +42,17 @@ AUDIO_EXTENSIONS = tuple(AUDIO_FORMATS)
 SNIFF_DECODERS = (LIBSNDFILE, FFMPEG)  # for an unknown or missing extension
 
 
-def audio_format_of(name: str) -> str | None:
-    """The audio format named by a file name's last extension ("x.seg.M4A" -> "m4a"), else None."""
+def extension_of(name: str) -> str | None:
+    """A file name's last extension, lower-case ("x.seg.M4A" -> "m4a"), audio or not; else None."""
     base = name.rsplit("/", 1)[-1]
     if "." not in base:
         return None
-    extension = base.rsplit(".", 1)[1].lower()
+    return base.rsplit(".", 1)[1].lower() or None
+
+
+def audio_format_of(name: str) -> str | None:
+    """The audio format named by a file name's last extension ("x.seg.M4A" -> "m4a"), else None."""
+    extension = extension_of(name)
     return extension if extension in AUDIO_FORMATS else None
 
 

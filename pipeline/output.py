@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import rows as R
+from pipeline.defaults import META_DIR
 from pipeline.errors import UserError
 from pipeline.storage import (
     StorageError,
@@ -69,11 +70,8 @@ from pipeline.storage import (
 
 log = logging.getLogger(__name__)
 
-Batch = Mapping[str, np.ndarray]
-
 METADATA_KEY = b"ast_label"
-# Everything but the data lives in one hidden folder, which every Parquet reader skips.
-META_DIR = ".ast-label"
+# Everything but the data lives in one hidden folder (META_DIR), which every Parquet reader skips.
 STAGING_DIR = f"{META_DIR}/staging"
 COMMITS_DIR = f"{META_DIR}/commits"
 INDEX_NAME = f"{META_DIR}/index.jsonl.gz"
@@ -95,7 +93,7 @@ ROW_GROUP_BYTES = 64 * 2**20
 FINGERPRINT_IGNORES = ("model", "package_version")
 # Distinct error reasons kept per marker; the rest are counted under one entry.
 MAX_ERROR_REASONS = 50
-# Markers read one by one at the start of a run beyond which the index is rewritten at once.
+# Markers the index did not cover, read at the start of a run, beyond which it is rewritten at once.
 INDEX_REFRESH_AFTER = 1000
 
 # Unit ids become file names; a leading "_" or "." would hide the final file from readers.
@@ -174,7 +172,7 @@ class OutputSpec:
 # --- rows -> Arrow ------------------------------------------------------------------------------
 
 
-def rows_to_table(batch: Batch, spec: OutputSpec) -> pa.Table:
+def rows_to_table(batch: R.Batch, spec: OutputSpec) -> pa.Table:
     """A numpy batch of result rows (see pipeline.rows) -> a table with exactly the output schema.
 
     Vectors come as (B, D) float arrays or object arrays with None on error rows. Top lists come as
@@ -211,7 +209,7 @@ def optional_strings(values: Sequence) -> pa.Array:
     return pa.array(strings, type=pa.string())
 
 
-def _top_lists(batch: Batch, spec: OutputSpec) -> tuple[Sequence, Sequence]:
+def _top_lists(batch: R.Batch, spec: OutputSpec) -> tuple[Sequence, Sequence]:
     if "top_labels" in batch:
         return batch["top_labels"], batch["top_scores"]
     top_index = np.asarray(batch[R.TOP_INDEX], dtype=np.int64)  # (B, k)
@@ -235,7 +233,7 @@ def _dense_or_none(values: np.ndarray, size: int) -> np.ndarray:
     return dense
 
 
-def _vector_column(batch: Batch, name: str, size: int, failed: np.ndarray) -> pa.Array:
+def _vector_column(batch: R.Batch, name: str, size: int, failed: np.ndarray) -> pa.Array:
     values = batch[name]
     count = len(failed)
     if values.dtype != object:
@@ -260,7 +258,7 @@ def _vector_column(batch: Batch, name: str, size: int, failed: np.ndarray) -> pa
 
 
 def _list_column(
-    values: Sequence, value_type: pa.DataType, failed: np.ndarray, batch: Batch, name: str
+    values: Sequence, value_type: pa.DataType, failed: np.ndarray, batch: R.Batch, name: str
 ) -> pa.Array:
     items: list[np.ndarray | None] = []
     for i, value in enumerate(values):
@@ -282,7 +280,7 @@ def _list_column(
 # --- staging (inside Ray write tasks) ----------------------------------------------------------
 
 
-def write_staging_parts(batch: Batch, spec: OutputSpec) -> dict[str, np.ndarray]:
+def write_staging_parts(batch: R.Batch, spec: OutputSpec) -> dict[str, np.ndarray]:
     """Writes one staging part per unit present in the batch; returns one record per unit.
 
     Records: unit_id, part_uri, rows, unit_rows (the unit's total when this part holds the row
@@ -296,7 +294,10 @@ def write_staging_parts(batch: Batch, spec: OutputSpec) -> dict[str, np.ndarray]
     ids, group_of_row = np.unique(unit_ids, return_inverse=True)
     failures = {str(unit_ids[i]): str(unit_failure[i]) for i in range(count) if unit_failure[i]}
     labeled = np.array([not failure for failure in unit_failure], dtype=bool)
-    table = rows_to_table({name: values[labeled] for name, values in batch.items()}, spec)
+    if labeled.all():  # the usual case: no copy of the batch through the mask
+        table = rows_to_table(batch, spec)
+    else:
+        table = rows_to_table({name: values[labeled] for name, values in batch.items()}, spec)
     table_row = np.cumsum(labeled) - 1  # batch row -> its row in `table`
     fs, root = filesystem_for(spec.output_uri)
     records: dict[str, list] = {
@@ -360,9 +361,9 @@ class CommitTracker:
     def __init__(self) -> None:
         self._units: dict[str, _UnitParts] = {}
         self.failed: dict[str, str] = {}  # unit_id -> why it did not commit
-        self._reported = 0  # failures handed out by new_failures()
+        self._unreported: list[str] = []  # failed units not yet handed out by new_failures()
 
-    def add(self, records: Batch) -> list[CompletedUnit]:
+    def add(self, records: R.Batch) -> list[CompletedUnit]:
         completed: list[CompletedUnit] = []
         count = len(records["unit_id"])
         unit_rows = records.get("unit_rows", np.zeros(count, dtype=np.int64))
@@ -402,12 +403,14 @@ class CommitTracker:
 
     def fail(self, unit_id: str, reason: str) -> None:
         self._units.pop(unit_id, None)
-        self.failed.setdefault(unit_id, reason)
+        if unit_id not in self.failed:  # the first reason stands; a unit is reported once
+            self.failed[unit_id] = reason
+            self._unreported.append(unit_id)
 
     def new_failures(self) -> list[tuple[str, str]]:
-        """(unit_id, reason) of the units failed since the last call (dicts keep their order)."""
-        failures = list(self.failed.items())[self._reported :]
-        self._reported = len(self.failed)
+        """(unit_id, reason) of the units failed since the last call, in the order they failed."""
+        failures = [(unit_id, self.failed[unit_id]) for unit_id in self._unreported]
+        self._unreported = []
         return failures
 
     @property
@@ -566,8 +569,7 @@ def check_output_writable(output_uri: str) -> None:
             f"cannot delete from {output_uri} (runs remove their staged parts): "
             f"{_output_problem(error.__cause__)}"
         ) from None
-    if _is_local(fs):
-        _remove_if_empty(fs, posixpath.join(root, META_DIR))
+    _remove_if_empty(fs, posixpath.join(root, META_DIR))
 
 
 def _output_problem(error: BaseException | None) -> str:
@@ -641,7 +643,7 @@ def read_commit_markers(output_uri: str) -> dict[str, CommittedUnit]:
     commits = posixpath.join(root, COMMITS_DIR)
     listed = {
         posixpath.basename(info["name"])[: -len(".json")]: _modified_s(info)
-        for info in with_retries(lambda: _list_detail(fs, commits), f"cannot list {commits}")
+        for info in with_retries(lambda: _list(fs, commits, detail=True), f"cannot list {commits}")
         if info["name"].endswith(".json") and not posixpath.basename(info["name"]).startswith(".")
     }
     index, index_modified = _read_index(fs, root, listed)
@@ -669,8 +671,12 @@ def read_commit_markers(output_uri: str) -> dict[str, CommittedUnit]:
             else:  # never written by commit_unit (its writes are atomic): redo that unit
                 log.warning("ignoring unreadable commit marker %s", path)
     if len(missing) > INDEX_REFRESH_AFTER:
-        # A run killed before writing its index: save the next run these reads.
-        write_index(output_uri, units.values())
+        # A run killed before writing its index: save the next run these reads. Only a cache
+        # (the markers stay the commit points): a store that fails it costs a warning.
+        try:
+            write_index(output_uri, units.values())
+        except StorageError as error:
+            log.warning("could not write the markers' index (%s); the next run writes it", error)
     return units
 
 
@@ -724,9 +730,10 @@ def check_resume(
     )
     # Staging left by a run killed after a marker but before its cleanup: those units are skipped
     # now, so nothing else would ever remove it.
-    for path in _list(fs, posixpath.join(root, STAGING_DIR)):
+    staging = posixpath.join(root, STAGING_DIR)
+    for path in with_retries(lambda: _list(fs, staging), f"cannot list {staging}"):
         if posixpath.basename(path) in committed:
-            _remove(fs, path)
+            _remove_retried(fs, path)
     # A planned unit with a marker but no final file is redone: its old fields no longer count.
     for unit_id in plan.keys() - committed:
         units.pop(unit_id, None)
@@ -734,17 +741,19 @@ def check_resume(
 
 
 def _regrouped(output_uri: str, unit: CommittedUnit, planned_sources: set[str]) -> None:
-    shared = next((s for s in unit.sources if s in planned_sources), "")
+    # A marker may list no sources (from_marker defaults them to ()): then there is no example.
+    example = next((s for s in unit.sources if s in planned_sources), None)
+    example = example or next(iter(unit.sources), "")
+    shown = f" (e.g. {example})" if example else ""
     raise OutputError(
         f"{output_uri}: committed unit {unit.unit_id} groups the inputs differently from this "
-        f"run (e.g. {shared or unit.sources[0]}), so rows would be duplicated; "
-        "use --overwrite or another output"
+        f"run{shown}, so rows would be duplicated; use --overwrite or another output"
     )
 
 
 def write_index(output_uri: str, units: Iterable[CommittedUnit]) -> None:
-    """Saves every committed unit of the output in one file, so that a rerun need not read the
-    markers one by one: gzip of JSON lines, a few MB for 100k tar shards."""
+    """Saves every committed unit of the output in one file, so that a rerun need not read every
+    marker: gzip of JSON lines, a few MB for 100k tar shards."""
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=5, mtime=0) as compressed:
         for unit in units:
@@ -823,12 +832,12 @@ def write_stats(output_uri: str, text: str) -> None:
 
 def _wipe(fs: fsspec.AbstractFileSystem, root: str) -> None:
     # Markers first: a wipe killed halfway leaves no marker pointing at a deleted file.
-    _remove(fs, posixpath.join(root, COMMITS_DIR))
-    for path in _list(fs, root):
+    _remove_retried(fs, posixpath.join(root, COMMITS_DIR))
+    for path in with_retries(lambda: _list(fs, root), f"cannot list {uri_for(fs, root)}"):
         name = posixpath.basename(path)
         if name.endswith(".parquet") or _is_temp_name(name):
-            _remove(fs, path)
-    _remove(fs, posixpath.join(root, META_DIR))
+            _remove_retried(fs, path)
+    _remove_retried(fs, posixpath.join(root, META_DIR))
 
 
 # --- storage primitives -----------------------------------------------------------------------
@@ -889,22 +898,14 @@ def _put_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         os.close(folder_fd)
 
 
-def _list(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """Direct children of path; [] when it does not exist. Never from a stale listing cache:
-    other processes (Ray tasks, earlier runs) write here."""
+def _list(fs: fsspec.AbstractFileSystem, path: str, detail: bool = False) -> list[Any]:
+    """Direct children of path: their paths, or with `detail` their info dicts (name, size,
+    modification time); [] when it does not exist. detail=False is not derived from the details:
+    locally those cost one stat per file. Never from a stale listing cache: other processes (Ray
+    tasks, earlier runs) write here."""
     fs.invalidate_cache(path)
     try:
-        return list(fs.ls(path, detail=False))
-    except FileNotFoundError:
-        return []
-
-
-def _list_detail(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
-    """Direct children of path with their details (name, size, modification time); [] when it
-    does not exist."""
-    fs.invalidate_cache(path)
-    try:
-        return list(fs.ls(path, detail=True))
+        return list(fs.ls(path, detail=detail))
     except FileNotFoundError:
         return []
 
@@ -920,6 +921,11 @@ def _read_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes]:
     """Whole files, in order; s3fs fetches them concurrently. (fs.cat would treat [ ] * ? in a
     path as a glob; cat_ranges takes paths literally.) Memory: the files' bytes at once."""
     return fs.cat_ranges(paths, None, None, on_error="raise") if paths else []
+
+
+def _remove_retried(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """_remove, retried per storage.RetryPolicy, then StorageError."""
+    with_retries(lambda: _remove(fs, path), f"cannot delete {uri_for(fs, path)}")
 
 
 def _remove(fs: fsspec.AbstractFileSystem, path: str) -> None:

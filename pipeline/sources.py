@@ -1,10 +1,10 @@
 """Where the audio comes from: plan work units from the user's inputs, then stream each unit.
 
 A work unit is what the pipeline commits as one output file: one WebDataset .tar shard, or a
-group of plain audio files. Planning is deterministic (same inputs -> same unit ids and grouping)
-so a rerun recognises units it already committed. Reading never raises for bad data: every
-sample, unsafe member or unreadable shard becomes exactly one `Member`, with `error` set when it
-cannot be used.
+group of other files, whatever their extension (one that is not audio becomes an error row).
+Planning is deterministic (same inputs -> same unit ids and grouping) so a rerun recognises units
+it already committed. Reading never raises for bad data: every sample, file, unsafe member or
+unreadable shard becomes exactly one `Member`, with `error` set when it cannot be used.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from typing import IO, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.defaults import FILES_PER_UNIT
+from pipeline.defaults import FILES_PER_UNIT, META_DIR
 from pipeline.errors import UserError
-from pipeline.formats import AUDIO_EXTENSIONS, audio_format_of
-from pipeline.output import META_DIR
+from pipeline.formats import AUDIO_EXTENSIONS, audio_format_of, extension_of
 from pipeline.storage import (
     RetryingReader,
     StorageError,
@@ -110,7 +109,9 @@ class Member:
 
     key: str  # tar: WebDataset key (member path without extension); files: the file URI
     audio: bytes | None = None
-    audio_format: str | None = None  # lower-case extension: "wav", "flac", "mp3", "ogg"
+    # Lower-case last extension ("wav", "m4a"; for a plain file any, "txt" too, so a decode
+    # error can name it); None when there is none. decoders_for sniffs what it does not know.
+    audio_format: str | None = None
     metadata: str | None = None  # text of the sample's .json member, when present
     error: str | None = None  # why the sample is unusable; None when `audio` is set
 
@@ -707,21 +708,23 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
 def _read_files(uris: Sequence[str], max_member_bytes: int) -> Iterator[Member]:
     """One Member per file, in order, with a few reads in flight (object-store latency)."""
     pending_uris = iter(uris)
-    with ThreadPoolExecutor(max_workers=_FILE_PREFETCH) as pool:
+    pool = ThreadPoolExecutor(max_workers=_FILE_PREFETCH)
+    try:
         in_flight = deque(
             pool.submit(_read_file, uri, max_member_bytes)
             for uri in itertools.islice(pending_uris, _FILE_PREFETCH)
         )
-        try:
-            while in_flight:
-                member = in_flight.popleft().result()
-                following = next(pending_uris, None)
-                if following is not None:
-                    in_flight.append(pool.submit(_read_file, following, max_member_bytes))
-                yield member
-        finally:  # a StorageError (or a consumer that stops) ends the unit: fetch no more
-            for future in in_flight:
-                future.cancel()
+        while in_flight:
+            member = in_flight.popleft().result()
+            following = next(pending_uris, None)
+            if following is not None:
+                in_flight.append(pool.submit(_read_file, following, max_member_bytes))
+            yield member
+    finally:
+        # A StorageError (or a consumer that stops) ends the unit: fetch no more, and do not wait
+        # for the reads already running (each may retry for minutes in an outage); their
+        # results are dropped when they end.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _read_file(uri: str, max_member_bytes: int) -> Member:
@@ -736,7 +739,7 @@ def _read_file(uri: str, max_member_bytes: int) -> Member:
     )
     if len(data) > max_member_bytes:
         return Member(key=uri, error=_too_big("file", len(data), max_member_bytes))
-    return Member(key=uri, audio=data, audio_format=audio_format_of(uri))
+    return Member(key=uri, audio=data, audio_format=extension_of(uri))
 
 
 def _too_big(what: str, size: int, limit: int) -> str:

@@ -12,13 +12,18 @@ from collections.abc import Callable
 import av
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 import torchaudio
 from audio_corpus import encode, encode_with_pyav, remux, sine, video_with_audio, wav_bytes
 
 from pipeline.audio import AudioError, cut_windows, decode_audio, resample
-from pipeline.formats import AUDIO_EXTENSIONS, FFMPEG, audio_format_of, decoders_for
+from pipeline.formats import (
+    AUDIO_EXTENSIONS,
+    FFMPEG,
+    audio_format_of,
+    decoders_for,
+    extension_of,
+)
 
 MAX_S = 60.0
 
@@ -187,9 +192,7 @@ def by_libsndfile(fmt: str, subtype: str, channels: int = 1) -> Callable[[int], 
     """An encoder of a 1 s 440 Hz tone at a given rate, with soundfile (fmt: its major format)."""
 
     def make(sr: int) -> bytes:
-        buffer = io.BytesIO()
-        sf.write(buffer, sine(1.0, sr, channels), sr, format=fmt, subtype=subtype)
-        return buffer.getvalue()
+        return encode(sine(1.0, sr, channels), sr, fmt, subtype)
 
     return make
 
@@ -469,3 +472,9 @@ def test_damaged_ffmpeg_files_never_raise_anything_but_audio_error(make, capfd):
     assert_damage_is_an_audio_error_or_finite(variants, make.__name__[1:])
     # FFmpeg's own log lines (its default callback writes to stderr) stay off the terminal.
     assert capfd.readouterr().err == ""
+
+
+def test_extension_of_names_any_last_extension_audio_or_not():
+    assert extension_of("s3://bucket/notes.TXT") == "txt"
+    assert extension_of("clip.seg.M4A") == "m4a"
+    assert extension_of("folder.v2/README") is None and extension_of("trailing.") is None

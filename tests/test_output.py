@@ -31,6 +31,7 @@ from pipeline.output import (
     write_staging_parts,
     write_summary,
 )
+from pipeline.storage import StorageError
 
 HIDDEN = 8
 LABELS = ("Silence", "Sine wave", "White noise", "Chirp tone", "Click")
@@ -559,3 +560,59 @@ def test_summary_is_written_as_json(output_uri):
     write_summary(output_uri, {"files": 3, "errors": 1})
     fs, root = fsspec.core.url_to_fs(output_uri, skip_instance_cache=True)
     assert json.loads(fs.cat_file(f"{root}/.ast-label/summary.json")) == {"errors": 1, "files": 3}
+
+
+def test_tracker_hands_out_each_failure_once_in_order_with_its_first_reason():
+    tracker = CommitTracker()
+    tracker.fail("u", "first reason")
+    tracker.fail("v", "v's reason")
+    tracker.fail("u", "a later reason")  # never overwrites the first
+    assert tracker.new_failures() == [("u", "first reason"), ("v", "v's reason")]
+    tracker.fail("w", "w's reason")
+    tracker.fail("v", "again")
+    assert tracker.new_failures() == [("w", "w's reason")]
+    assert tracker.new_failures() == []
+    assert tracker.failed == {"u": "first reason", "v": "v's reason", "w": "w's reason"}
+
+
+def test_markers_are_read_even_when_the_index_cannot_be_written(tmp_path, monkeypatch):
+    uri = str(tmp_path / "out")
+    markers = commit_units(uri, {"u1": ["s1"], "u2": ["s2"]})
+    monkeypatch.setattr(output, "INDEX_REFRESH_AFTER", 0)  # rewrite the index after any read
+
+    def failing_write_index(*args) -> None:
+        raise StorageError("cannot write index: boom")
+
+    monkeypatch.setattr(output, "write_index", failing_write_index)
+    expected = {unit_id: CommittedUnit.from_marker(m) for unit_id, m in markers.items()}
+    assert read_commit_markers(uri) == expected  # the index is a cache: a warning, no failure
+    fp = make_spec(uri).model_fingerprint
+    assert check_resume(uri, [("u1", ["s1"])], fp, False).committed == {"u1"}
+
+
+def test_resume_refuses_a_regrouped_unit_whose_marker_lists_no_sources(tmp_path):
+    uri = str(tmp_path / "out")
+    commit_units(uri, {"files-1": []})
+    fp = make_spec(uri).model_fingerprint
+    with pytest.raises(OutputError, match="groups the inputs differently from this run, so"):
+        check_resume(uri, [("files-1", ["a.wav"])], fp, False)
+
+
+def test_resume_and_overwrite_retry_a_failed_delete(output_uri, monkeypatch):
+    monkeypatch.setenv("AST_LABEL_IO_DELAY_S", "0.01")
+    commit_units(output_uri, {"u1": ["s1"]})
+    write_staging_parts(unit_batch("u1", {"a": 1}), make_spec(output_uri, "late"))
+    real_remove, failed = output._remove, []
+
+    def flaky_remove(fs, path: str) -> None:
+        if path not in failed:  # each path's first delete fails, as in a store outage
+            failed.append(path)
+            raise OSError("503 Slow Down")
+        real_remove(fs, path)
+
+    monkeypatch.setattr(output, "_remove", flaky_remove)
+    fp = make_spec(output_uri).model_fingerprint
+    assert check_resume(output_uri, [("u1", ["s1"])], fp, False).committed == {"u1"}
+    assert stored(output_uri) == {"u1.parquet", ".ast-label/commits/u1.json"}
+    check_resume(output_uri, [("u1", ["s1"])], fp, True)
+    assert stored(output_uri) == set()

@@ -6,6 +6,8 @@ import gzip
 import io
 import re
 import tarfile
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from audio_corpus import (
     write_tar_shard,
 )
 
+from pipeline import sources
 from pipeline.audio import AudioError, decode_audio
 from pipeline.sources import (
     InputError,
@@ -522,3 +525,44 @@ def test_s3_shard_and_files_stream_like_local_ones(s3_server, s3_prefix):
         (f"{s3_prefix}/c/two.flac", "flac", None),
     ]
     assert files[1].audio == s3.cat(f"{root}/c/two.flac")
+
+
+def test_a_planned_file_that_is_not_audio_becomes_an_error_naming_its_extension(tmp_path):
+    write_audio_files(tmp_path, ["one.wav"])
+    (tmp_path / "notes.TXT").write_text("Just some notes, not a recording.\n" * 20)
+    (tmp_path / "README").write_text("No extension at all.\n" * 20)
+    (unit,) = plan_work_units([str(tmp_path)]).units
+
+    errors: dict[str, str | None] = {}
+    for member in read_unit_members(unit, LIMIT):  # read and decoded as the pipeline does
+        errors[Path(member.key).name] = member.error
+        try:
+            decode_audio(member.audio, member.audio_format, 60.0)
+        except AudioError as exc:
+            errors[Path(member.key).name] = str(exc)
+
+    not_audio = "not an audio file, or a format neither libsndfile nor FFmpeg decodes"
+    assert errors == {
+        "README": f"{not_audio} (no extension)",
+        "notes.TXT": f"{not_audio} (.txt)",
+        "one.wav": None,
+    }
+
+
+def test_a_storage_error_ends_a_files_unit_without_waiting_for_reads_in_flight(monkeypatch):
+    released = threading.Event()
+
+    def fake_read_file(uri: str, max_member_bytes: int) -> Member:
+        if uri == "first":
+            raise StorageError("cannot read first: boom")
+        released.wait(10)  # a read stuck retrying in an outage
+        return Member(key=uri, audio=b"", audio_format="wav")
+
+    monkeypatch.setattr(sources, "_read_file", fake_read_file)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError, match="boom"):
+            list(read_unit_members(WorkUnit("u", "files", ("first", "second", "third")), LIMIT))
+        assert time.monotonic() - started < 5
+    finally:
+        released.set()
