@@ -18,6 +18,9 @@ from ast_model.config import ASTConfig
 # transformers' default initializer_range; only matters for models trained from scratch.
 INIT_STD = 0.02
 
+# The dtypes that autocast casts to its own (it leaves float64 alone).
+_AUTOCAST_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
+
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,  # exact (erf) GELU, as transformers' "gelu"
     "gelu_new": lambda: nn.GELU(approximate="tanh"),
@@ -132,8 +135,13 @@ class ASTForAudioClassification(nn.Module):
             raise ValueError(
                 f"features must be (B, {expected[0]}, {expected[1]}), got {tuple(features.shape)}"
             )
-        # A model cast to bf16/fp16 takes fp32 features; under autocast this is a no-op.
-        features = features.to(self.patch_embed.proj.weight.dtype)  # (B, T, F)
+        # A model cast to bf16/fp16 takes fp32 features, an fp32 model narrower ones. Under
+        # autocast the convolution casts its input to the autocast dtype itself: casting to the
+        # weights' dtype first would only add a copy (bf16 -> fp32 -> bf16, the same numbers).
+        if not (
+            torch.is_autocast_enabled(features.device.type) and features.dtype in _AUTOCAST_INPUTS
+        ):
+            features = features.to(self.patch_embed.proj.weight.dtype)  # (B, T, F)
         patches = self.patch_embed(features)  # (B, P, D)
         batch = patches.shape[0]
         tokens = torch.cat(

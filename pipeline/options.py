@@ -3,8 +3,10 @@ resolve to once the model is known. One class, so both commands accept and refus
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
+
+import torch
 
 from ast_model.checkpoint import LoadedModel
 from ast_model.config import DEFAULT_MODEL
@@ -12,9 +14,6 @@ from ast_model.features import FbankConfig
 from pipeline import defaults
 from pipeline.errors import UserError
 from pipeline.stages import ReadSettings
-
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -47,14 +46,14 @@ class LabelingOptions:
         for name, value in (("--window-s", self.window_s), ("--hop-s", self.hop_s)):
             if value is not None and value <= 0:
                 problems.append(f"{name} must be positive")
-        if self.device not in DEVICES:
-            problems.append(f"--device must be one of {', '.join(DEVICES)}")
+        if self.device not in defaults.DEVICES:
+            problems.append(f"--device must be one of {', '.join(defaults.DEVICES)}")
         elif self.device == "cuda" and not gpu_may_appear and not _local_gpu():
             problems.append(
                 "--device cuda: this machine has no usable GPU; use --device cpu or auto"
             )
-        if self.precision not in PRECISIONS:
-            problems.append(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.precision not in defaults.PRECISIONS:
+            problems.append(f"--precision must be one of {', '.join(defaults.PRECISIONS)}")
         if self.max_duration_s <= 0:
             problems.append("--max-duration-s must be positive")
         if self.max_member_bytes < 1:
@@ -100,11 +99,6 @@ class LabelingOptions:
             return self.batch_size
         return defaults.GPU_BATCH_SIZE if use_gpu else defaults.CPU_BATCH_SIZE
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def _local_gpu() -> bool:
-    import torch
-
     return torch.cuda.is_available()

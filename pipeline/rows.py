@@ -92,7 +92,6 @@ ROW_DTYPES = {
     UNIT_FAILURE: object,
     UNIT_ROWS: np.int32,
 }
-STRING_COLUMNS = tuple(name for name in ROW_COLUMNS if ROW_DTYPES[name] is object)
 
 # The fbank column's numpy dtype per classifier input dtype. numpy has no bfloat16: bf16 travels
 # as its raw 16 bits (uint16) and the classifier views them as torch.bfloat16 again, bit for bit.

@@ -157,6 +157,9 @@ def run_labeling(
             todo, config, loaded, fbank_config, read, spec, echo, progress
         )
         committed.update(labeled)
+        # Only a run that labeled units writes the index here. A rerun with nothing to label
+        # reads each marker newer than the index; read_commit_markers rewrites the index itself
+        # when more than INDEX_REFRESH_AFTER are, so a failed write costs a rerun that at most.
         _best_effort(echo, "the markers' index", write_index, config.output, committed.values())
     summary = _summarise(config.output, plan.units, todo, committed, time.monotonic() - started)
     summary.units_failed = failed
@@ -171,7 +174,7 @@ def _best_effort(echo: Callable[[str], None], what: str, write: Callable, *args)
     try:
         write(*args)
     except StorageError as error:
-        echo(f"note: could not write {what} ({error}); the next run writes it again")
+        echo(f"note: could not write {what} ({error}); a later run writes it again")
 
 
 def _label_units(

@@ -28,6 +28,7 @@ import torch
 from ast_model.checkpoint import LoadedModel
 from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
 from ast_model.labels import scores_from_logits
+from pipeline import defaults
 from pipeline import rows as R
 from pipeline.audio import AudioError, cut_windows, decode_audio
 from pipeline.output import OutputSpec, write_staging_parts
@@ -52,7 +53,7 @@ class FeatureSettings:
 
     fbank: FbankConfig
     dtype: str = "float32"  # a key of rows.FEATURE_DTYPES: the classifier's input dtype
-    batch_rows: int = 16  # rows per batch: the classifier's batch size
+    batch_rows: int = defaults.CPU_BATCH_SIZE  # rows per batch: the classifier's batch size
 
 
 def shard_name(unit: WorkUnit) -> str:
@@ -84,6 +85,12 @@ class WindowFeatures:
                 if len(pending) > size:  # keep >= 1 row back: the unit's last row is not known yet
                     yield self.to_batch(pending[:size])
                     del pending[:size]
+            if total == 0:
+                # Readers yield >= 1 Member per unit; were one not to, the count below would land
+                # on the previous unit's last row. The unit fails instead (a rerun reads it again).
+                failure = _failure_row(unit.unit_id, shard_name(unit), "the unit yielded no files")
+                pending.append((failure, None))
+                total = 1
             pending[-1][0][R.UNIT_ROWS] = total
         for start in range(0, len(pending), size):
             yield self.to_batch(pending[start : start + size])
@@ -175,8 +182,9 @@ def fbank_to_torch(fbank: np.ndarray) -> torch.Tensor:
 def feature_dtype(precision: str, use_gpu: bool) -> str:
     """The fbank dtype read tasks send: the autocast dtype when the classifier computes in one.
 
-    Under autocast the patch embedding casts its input to that dtype first thing, so sending it
-    already cast changes no number and halves what crosses the object store.
+    Under autocast the patch embedding's convolution, the first thing to read the fbank, casts
+    its input to that dtype, so sending it already cast changes no number and halves what crosses
+    the object store.
     """
     autocast = resolve_precision(precision, torch.device("cuda" if use_gpu else "cpu"))
     return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[autocast]
@@ -260,10 +268,8 @@ class Classify:
         """(B, T, F) -> (B, D) embedding and (B, C) scores, float32 numpy."""
         compute_dtype = self.autocast_dtype or torch.float32
         # Features may arrive in a narrower dtype than the model computes in (an actor that fell
-        # back to the CPU); the patch embedding needs them in its own.
+        # back to the CPU): the model casts them to its own unless autocast does.
         inputs = fbank.to(self.device, non_blocking=True)
-        if self.autocast_dtype is None:
-            inputs = inputs.float()
         with torch.autocast(
             self.device.type, dtype=compute_dtype, enabled=self.autocast_dtype is not None
         ):

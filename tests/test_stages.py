@@ -178,3 +178,23 @@ def test_classifier_stage_and_commit_turn_read_batches_into_one_sorted_file(
     broken = table.to_pylist()[4]
     assert broken["error"].startswith("cannot decode") and broken["scores"] is None
     assert all(len(labels) == 2 for labels in table["top_labels"].to_pylist() if labels)
+
+
+def test_a_unit_that_yields_no_files_fails_without_touching_the_previous_units_count(
+    tmp_path, monkeypatch
+):
+    import pipeline.stages
+
+    path = tmp_path / "s0.tar"
+    path.write_bytes(tar_bytes([("k.wav", encode(sine(1.0), 16_000, "wav"))]))
+    units = [WorkUnit(tar_unit_id(str(path)), "tar", (str(path),)), WorkUnit("empty", "files", ())]
+    read_members = pipeline.stages.read_unit_members
+    monkeypatch.setattr(
+        pipeline.stages,
+        "read_unit_members",
+        lambda unit, limit: iter(()) if unit.unit_id == "empty" else read_members(unit, limit),
+    )
+    batch = concat(list(WindowFeatures(READ, FeatureSettings(CONFIG, "float32", 4)).batches(units)))
+    assert list(batch[R.UNIT_ID]) == [units[0].unit_id, "empty"]
+    assert list(batch[R.UNIT_ROWS]) == [1, 1]  # each unit carries its own count
+    assert list(batch[R.UNIT_FAILURE]) == ["", "the unit yielded no files"]
