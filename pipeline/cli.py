@@ -148,13 +148,13 @@ _LABELING_OPTIONS = (
         "--device",
         default=defaults.DEVICE,
         show_default=True,
-        type=click.Choice(["auto", "cpu", "cuda"]),
+        type=click.Choice(defaults.DEVICES),
     ),
     click.option(
         "--precision",
         default=defaults.PRECISION,
         show_default=True,
-        type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        type=click.Choice(defaults.PRECISIONS),
         help="auto: bf16 autocast on GPU, fp32 on CPU.",
     ),
     click.option(
@@ -326,14 +326,14 @@ def norm_stats_command(inputs, output, manifest, files_per_unit, max_duration_s,
 @click.option("--label", "-l", help="Show the files where this label scores at least --min-score.")
 @click.option(
     "--min-score",
-    default=0.5,
+    default=defaults.INSPECT_MIN_SCORE,
     show_default=True,
     type=float,
     help="With --label: the score a window must reach (the max over a file's windows counts).",
 )
 @click.option(
     "--top",
-    default=20,
+    default=defaults.INSPECT_TOP,
     show_default=True,
     type=click.IntRange(min=0),
     help="Rows shown per table (0: all).",

@@ -191,12 +191,17 @@ def write_demo_corpus(directory: str | Path, seed: int = 0) -> DemoCorpus:
     return DemoCorpus(directory, tuple(shards), truth, broken)
 
 
+# The columns the report reads; `embedding`, the bulk of a file, is left on disk.
+REPORT_COLUMNS = ("shard", "key", "window_index", "scores", "error")
+
+
 def read_labels(labels_dir: str | Path) -> tuple[pa.Table, tuple[str, ...], dict]:
-    """All committed rows under labels_dir, the label names and the file metadata of the output."""
+    """All committed rows under labels_dir (REPORT_COLUMNS only), the label names and the file
+    metadata of the output."""
     paths = sorted(Path(labels_dir).glob("*.parquet"))
     if not paths:
         raise FileNotFoundError(f"no committed Parquet files in {labels_dir}")
-    tables = [pq.read_table(path) for path in paths]
+    tables = [pq.read_table(path, columns=list(REPORT_COLUMNS)) for path in paths]
     metadata = json.loads((tables[0].schema.metadata or {}).get(METADATA_KEY, b"{}"))
     return pa.concat_tables(tables), tuple(metadata.get("label_names", ())), metadata
 
@@ -204,7 +209,7 @@ def read_labels(labels_dir: str | Path) -> tuple[pa.Table, tuple[str, ...], dict
 def file_results(table: pa.Table, label_names: Sequence[str]) -> list[FileResult]:
     """Folds window rows into one result per (shard, key): the label whose mean score over the
     file's windows is highest, or the file's error. Pure, so it is testable without Ray."""
-    rows = table.select(["shard", "key", "window_index", "scores", "error"]).to_pylist()
+    rows = table.select(list(REPORT_COLUMNS)).to_pylist()
     by_file: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         by_file.setdefault((Path(row["shard"]).name, row["key"]), []).append(row)

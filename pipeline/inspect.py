@@ -13,7 +13,8 @@ reduced to one row per input file on its own, with numpy over the whole file at 
                                                               the queried label's max and spans
 
 Local paths and s3:// (any fsspec URL) alike, through pipeline.storage.filesystem_for. Errors the
-user causes (no output there, not an ast-label output, unknown label) are UserErrors of one line.
+user causes (no output there, not an ast-label output, unknown label) are UserErrors of one line;
+a store that keeps failing after the retries is a StorageError (exit 3: run the command again).
 """
 
 from __future__ import annotations
@@ -22,19 +23,23 @@ import difflib
 import json
 import posixpath
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
+from pipeline.defaults import INSPECT_MIN_SCORE, INSPECT_TOP
 from pipeline.errors import UserError
 from pipeline.output import COMMITS_DIR, LABELS_TABLE_NAME, META_DIR, METADATA_KEY
-from pipeline.storage import StorageError, filesystem_for, storage_reason, with_retries
+from pipeline.storage import error_reason, filesystem_for, with_retries
+
+T = TypeVar("T")
 
 # The columns a scan reads; `embedding` (the bulk of a file) never.
 SCAN_COLUMNS = ("shard", "key", "start_s", "end_s", "duration_s", "error", "scores")
@@ -71,6 +76,8 @@ class LabelsOutput:
     filesystem: Any = field(repr=False)  # fsspec filesystem of the output
     metadata: dict[str, Any] = field(repr=False)  # the ast_label file metadata (model, labels...)
     uncommitted: int = 0  # unit files at the top without a commit marker (left out)
+    # The first unit file's schema, read once: given to dataset(), which then opens no file.
+    schema: pa.Schema | None = field(default=None, repr=False)
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -82,7 +89,9 @@ class LabelsOutput:
 
     def dataset(self) -> pads.Dataset:
         """The committed unit files as one pyarrow dataset (columns projected when scanned)."""
-        return pads.dataset(list(self.files), format="parquet", filesystem=self.filesystem)
+        return pads.dataset(
+            list(self.files), schema=self.schema, format="parquet", filesystem=self.filesystem
+        )
 
 
 def open_output(output_uri: str) -> LabelsOutput:
@@ -111,7 +120,9 @@ def open_output(output_uri: str) -> LabelsOutput:
     committed_units = {
         posixpath.basename(name)[: -len(".json")] for name in markers if name.endswith(".json")
     }
-    if committed_units:
+    if committed_units or has_meta:
+        # A unit's file is written before its marker: with the .ast-label folder there, a file
+        # without a marker (a run killed between the two) is not committed, even when none is.
         files = tuple(sorted(path for unit, path in parquet.items() if unit in committed_units))
     else:  # copied without its .ast-label folder: every file at the top is a unit file
         files = tuple(sorted(parquet.values()))
@@ -120,13 +131,14 @@ def open_output(output_uri: str) -> LabelsOutput:
             f"{output_uri} holds no committed results yet: its unit files have no commit "
             "markers; run `ast-label run` again to finish it"
         )
-    metadata = _file_metadata(fs, files[0], output_uri)
+    schema, metadata = _file_metadata(fs, files[0], output_uri)
     return LabelsOutput(
         uri=output_uri,
         files=files,
         filesystem=fs,
         metadata=metadata,
         uncommitted=len(parquet) - len(files),
+        schema=schema,
     )
 
 
@@ -140,11 +152,9 @@ def _list(fs, path: str, output_uri: str) -> list[str] | None:
         except FileNotFoundError:
             return []
 
-    try:
-        names = with_retries(listing, f"cannot list {output_uri}")
-    except StorageError as error:
-        raise InspectError(str(error)) from None
-    if not names and not _exists(fs, path):
+    # A store that keeps failing is a StorageError (exit 3, run again), not "no output here".
+    names = with_retries(listing, f"cannot list {output_uri}")
+    if not names and not with_retries(lambda: _exists(fs, path), f"cannot list {output_uri}"):
         return None
     return [name for name in names if name.rstrip("/") != path.rstrip("/")]
 
@@ -152,16 +162,27 @@ def _list(fs, path: str, output_uri: str) -> list[str] | None:
 def _exists(fs, path: str) -> bool:
     try:
         return bool(fs.exists(path))
-    except Exception:
+    except FileNotFoundError:  # a missing bucket, for some stores
         return False
 
 
-def _file_metadata(fs, path: str, output_uri: str) -> dict[str, Any]:
-    name = posixpath.basename(path)
+def _read_unit_file(call: Callable[[], T], path: str, output_uri: str) -> T:
+    """call(), a read of one unit file. A file that is not Parquet is the output's problem: an
+    InspectError at once. Any other failure is the store's: read again per storage.RetryPolicy,
+    then a StorageError (exit 3: run again), never "fix it"."""
+    what = f"cannot read {posixpath.basename(path)} in {output_uri}"
     try:
-        schema = pads.dataset(path, format="parquet", filesystem=fs).schema
-    except (OSError, pa.ArrowException) as error:
-        raise InspectError(f"cannot read {name} in {output_uri}: {storage_reason(error)}") from None
+        return call()
+    except pa.ArrowInvalid as error:  # retrying cannot help
+        raise InspectError(f"{what}: {error_reason(error)}") from None
+    except Exception:
+        return with_retries(call, what)
+
+
+def _file_metadata(fs, path: str, output_uri: str) -> tuple[pa.Schema, dict[str, Any]]:
+    """The unit file's schema and its ast_label metadata; InspectError unless ast-label's."""
+    name = posixpath.basename(path)
+    schema = _read_unit_file(lambda: pq.read_schema(path, filesystem=fs), path, output_uri)
     text = (schema.metadata or {}).get(METADATA_KEY)
     missing = [column for column in SCAN_COLUMNS if column not in schema.names]
     if text is None or missing:
@@ -177,7 +198,7 @@ def _file_metadata(fs, path: str, output_uri: str) -> dict[str, Any]:
             f"{output_uri}: {name} names {len(names)} labels but its scores column is "
             f"{scores_type}; it was not written by ast-label"
         )
-    return metadata
+    return schema, metadata
 
 
 # --- labels ---------------------------------------------------------------------------------------
@@ -306,7 +327,7 @@ class Inspection:
 def inspect_output(
     output_uri: str,
     label: str | None = None,
-    min_score: float = 0.5,
+    min_score: float = INSPECT_MIN_SCORE,
     timelines: int = 0,
 ) -> Inspection:
     """Reads the output once: counts, the file-level top labels, and with `label` the files where
@@ -334,7 +355,7 @@ def inspect_output(
     return Inspection(output, files, dict(reasons.most_common()), query, kept)
 
 
-def files_with_label(output_uri: str, label: str, min_score: float = 0.5) -> pa.Table:
+def files_with_label(output_uri: str, label: str, min_score: float = INSPECT_MIN_SCORE) -> pa.Table:
     """The files of an output where `label` scores at least `min_score` in some window, best
     first: shard, key, duration_s, windows, label_max, label_windows, spans (start_s, end_s of
     the merged windows at or above min_score). `.to_pandas()` for a DataFrame."""
@@ -356,11 +377,9 @@ def _scan_unit(
     query: LabelQuery | None,
     timelines: int,
 ) -> UnitScan:
-    try:
-        table = fragment.to_table(columns=list(SCAN_COLUMNS))
-    except (OSError, pa.ArrowException) as error:
-        name = posixpath.basename(fragment.path)
-        raise InspectError(f"cannot read {name} in {output.uri}: {storage_reason(error)}") from None
+    table = _read_unit_file(
+        lambda: fragment.to_table(columns=list(SCAN_COLUMNS)), fragment.path, output.uri
+    )
     return reduce_unit(table, output.label_names, query, timelines)
 
 
@@ -593,7 +612,7 @@ def spans_text(spans: Sequence[dict], windows: int, hit_windows: int, shown: int
     return ", ".join(parts)
 
 
-def format_inspection(inspection: Inspection, top: int = 20) -> str:
+def format_inspection(inspection: Inspection, top: int = INSPECT_TOP) -> str:
     """The text `ast-label inspect` prints; `top` rows per table (0: all)."""
     output, counts = inspection.output, inspection.counts
     multi = output.metadata.get("multi_label")
@@ -670,7 +689,7 @@ def _limited(lines: list[str], top: int) -> list[str]:
     return [*lines[:top], f"  ... and {len(lines) - top} more (--top 0 shows all)"]
 
 
-def inspection_json(inspection: Inspection, top: int = 20) -> dict[str, Any]:
+def inspection_json(inspection: Inspection, top: int = INSPECT_TOP) -> dict[str, Any]:
     """What `ast-label inspect --json` prints; `top` matches (0: all)."""
     output = inspection.output
     report: dict[str, Any] = {

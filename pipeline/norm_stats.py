@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, astuple, dataclass, fields
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from pipeline.audio import AudioError, cut_windows, decode_audio
 from pipeline.cluster import init_ray
 from pipeline.errors import UserError
 from pipeline.sources import WorkUnit, plan_work_units, read_unit_members
-from pipeline.storage import error_reason, filesystem_for, is_local
+from pipeline.storage import StorageError, error_reason, filesystem_for, is_local, with_retries
 
 # With mean 0 and std 0.5, compute_fbank's normalisation (x - 0) / (2 * 0.5) is the identity:
 # the raw log-mel values, from the one fbank implementation the pipeline uses.
@@ -41,6 +42,8 @@ RAW_FBANK = FbankConfig(mean=0.0, std=0.5)
 WINDOW_S = RAW_FBANK.max_length * RAW_FBANK.frame_shift_ms / 1000.0  # 10.24 s, the model's input
 # Windows per compute_fbank call: (16, 1024, 128) float32 is 8 MiB.
 FBANK_BATCH = 16
+
+T = TypeVar("T")
 
 
 class NormStatsError(UserError):
@@ -63,23 +66,18 @@ class NormStats:
     def save(self, uri: str) -> None:
         """Writes the JSON to a local path or an object-store URI (one PUT)."""
         fs, path = filesystem_for(uri)
-        try:
-            if is_local(uri):
+        if is_local(uri):
+            try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-            fs.pipe_file(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
-        except Exception as error:  # any store's failure: missing bucket, credentials, a folder
-            raise NormStatsError(f"cannot write {uri}: {error_reason(error)}") from None
+            except OSError as error:  # a file in the way
+                raise NormStatsError(f"cannot write {uri}: {error_reason(error)}") from None
+        data = (json.dumps(self.to_dict(), indent=2) + "\n").encode()
+        _stats_file_call(lambda: fs.pipe_file(path, data), f"cannot write {uri}")
 
     @classmethod
     def load(cls, uri: str) -> NormStats:
         fs, path = filesystem_for(uri)
-        try:
-            text = fs.cat_file(path)
-        except FileNotFoundError:
-            raise NormStatsError(f"norm stats file not found: {uri}") from None
-        except Exception as error:  # any store's failure: credentials, endpoint, permissions
-            reason = error_reason(error)
-            raise NormStatsError(f"cannot read norm stats file {uri}: {reason}") from None
+        text = _stats_file_call(lambda: fs.cat_file(path), f"cannot read norm stats file {uri}")
         try:
             data = json.loads(text)
         except ValueError:  # UnicodeDecodeError included
@@ -103,6 +101,22 @@ class NormStats:
                 f"{uri}: mean must be finite and std positive, got {stats.mean}, {stats.std}"
             )
         return stats
+
+
+# Failures of the stats file's read or write that the user can fix (the path, permissions).
+_USER_FIXABLE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _stats_file_call(call: Callable[[], T], what: str) -> T:
+    """A read or write of a stats file, retried as every storage call is. What the user can fix
+    is a NormStatsError (exit 2); a store that keeps failing stays a StorageError (exit 3: run the
+    same command again)."""
+    try:
+        return with_retries(call, what)
+    except StorageError as error:
+        if isinstance(error.__cause__, _USER_FIXABLE):
+            raise NormStatsError(str(error)) from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -178,12 +192,25 @@ def unit_moments(unit: WorkUnit, limits: ReadLimits) -> FbankMoments:
 
 
 _MOMENT_FIELDS = tuple(field.name for field in fields(FbankMoments))
+# The column that carries a unit's StorageError out of its task ("" when none). Raised in the
+# task, it would reach the driver as Ray's task error: a bug's traceback instead of exit 3.
+_STORAGE_ERROR = "storage_error"
 
 
 def _moments_batch(batch: dict[str, np.ndarray], limits: ReadLimits) -> dict[str, np.ndarray]:
-    """Ray Data UDF: rows of serialised work units -> one row of moments per unit."""
-    moments = [unit_moments(WorkUnit.from_json(str(text)), limits) for text in batch["unit"]]
-    return {name: np.array([getattr(m, name) for m in moments]) for name in _MOMENT_FIELDS}
+    """Ray Data UDF: rows of serialised work units -> one row of moments per unit, and the
+    store's fault that stopped the unit, if one did."""
+    moments, faults = [], []
+    for text in batch["unit"]:
+        try:
+            moments.append(unit_moments(WorkUnit.from_json(str(text)), limits))
+            faults.append("")
+        except StorageError as error:
+            moments.append(FbankMoments())
+            faults.append(str(error))
+    columns = {name: np.array([getattr(m, name) for m in moments]) for name in _MOMENT_FIELDS}
+    columns[_STORAGE_ERROR] = np.array(faults, dtype=object)
+    return columns
 
 
 def compute_norm_stats(
@@ -206,6 +233,9 @@ def compute_norm_stats(
     results = dataset.map_batches(
         _moments_batch, batch_size=1, fn_kwargs={"limits": limits or ReadLimits()}
     ).take_all()
+    faults = [str(row[_STORAGE_ERROR]) for row in results if row[_STORAGE_ERROR]]
+    if faults:  # statistics of part of the corpus would be wrong: none, and a rerun reads it all
+        raise StorageError(f"{len(faults)} of {len(units)} work units not read: {faults[0]}")
     total = FbankMoments()
     for row in results:
         total += FbankMoments(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.defaults import INSPECT_TOP
 from pipeline.errors import UserError
 from pipeline.inspect import (
     Inspection,
@@ -56,7 +57,7 @@ def check_plot_path(path: str | Path) -> None:
     _require_matplotlib()
 
 
-def write_plot(inspection: Inspection, path: str | Path, top: int = 20) -> Path:
+def write_plot(inspection: Inspection, path: str | Path, top: int = INSPECT_TOP) -> Path:
     """Writes the figure (.png, .svg, .pdf) or an HTML report (.html) of the inspection."""
     path = Path(path)
     check_plot_path(path)
@@ -182,7 +183,7 @@ def _label_colors(inspection: Inspection) -> dict[str, str]:
     return colors
 
 
-def html_report(inspection: Inspection, png: bytes, top: int = 20) -> str:
+def html_report(inspection: Inspection, png: bytes, top: int = INSPECT_TOP) -> str:
     """A self-contained HTML page: counts, error reasons, label distribution, matches, figure."""
     report = inspection_json(inspection, top)
     e = html.escape

@@ -153,3 +153,29 @@ def test_unwritable_norm_stats_output_fails_with_one_clear_line(s3_server, tmp_p
         with pytest.raises(NormStatsError, match="cannot write") as raised:
             stats.save(uri)
         assert uri in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.slow
+def test_a_shard_gone_after_planning_exits_3_with_one_line(
+    ray_local, corpus, tmp_path, monkeypatch
+):
+    # The read fails inside a Ray task: the driver must still see the store's fault (exit 3), not
+    # a task error with a traceback (a bug's exit 1).
+    import pipeline.norm_stats as norm_stats
+
+    shard = tmp_path / "shard-000000.tar"
+    shard.write_bytes((corpus[0] / "shard-000000.tar").read_bytes())
+    plan = norm_stats.plan_work_units
+
+    def plan_then_lose_the_shard(*args, **kwargs):
+        planned = plan(*args, **kwargs)
+        shard.unlink()
+        return planned
+
+    monkeypatch.setattr(norm_stats, "plan_work_units", plan_then_lose_the_shard)
+    result = CliRunner().invoke(
+        norm_stats_command, [str(shard), "--output", str(tmp_path / "stats.json")]
+    )
+    assert result.exit_code == 3, result.output
+    assert str(shard) in result.output and "not found" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "stats.json").exists()
