@@ -11,17 +11,15 @@ best of --repeats runs; ratios are against FLAC measured in the same run.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 from timing import best_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from audio_corpus import encode_with_pyav  # noqa: E402
+from audio_corpus import encode, encode_with_pyav  # noqa: E402
 
 from pipeline import audio  # noqa: E402
 from pipeline.formats import FFMPEG, LIBSNDFILE  # noqa: E402
@@ -38,12 +36,6 @@ def audio_like(seconds: float, sr: int) -> np.ndarray:
     return np.stack([left, right], axis=1).astype(np.float32)
 
 
-def libsndfile_bytes(waveform: np.ndarray, sr: int, fmt: str, subtype: str) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, waveform, sr, format=fmt, subtype=subtype)
-    return buffer.getvalue()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -58,14 +50,14 @@ def main() -> None:
             "FLAC 16-bit",
             "flac",
             LIBSNDFILE,
-            libsndfile_bytes(clip_44k, 44_100, "FLAC", "PCM_16"),
+            encode(clip_44k, 44_100, "FLAC", "PCM_16"),
             44_100,
         ),
         (
             "MP3",
             "mp3",
             LIBSNDFILE,
-            libsndfile_bytes(clip_44k, 44_100, "MP3", "MPEG_LAYER_III"),
+            encode(clip_44k, 44_100, "MP3", "MPEG_LAYER_III"),
             44_100,
         ),
         ("M4A/AAC", "m4a", FFMPEG, encode_with_pyav(clip_44k, 44_100, "ipod", "aac"), 44_100),

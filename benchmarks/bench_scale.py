@@ -79,8 +79,10 @@ class Watch:
     def _title_seen(self) -> bool:
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
-                if cmdline.read_bytes().startswith(self.title.encode()):
-                    return os.getsid(int(cmdline.parent.name)) == self.process.pid
+                if cmdline.read_bytes().startswith(self.title.encode()) and (
+                    os.getsid(int(cmdline.parent.name)) == self.process.pid
+                ):
+                    return True
             except OSError:
                 continue
         return False

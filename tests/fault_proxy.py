@@ -17,7 +17,7 @@ unchanged (method, path, query, headers, body), except when a fault is injected:
   (`end_storm()`) or `max_failures` requests have failed; a storm takes precedence over the rules;
 - refused: an object that is gone or forbidden (`refuse(path, status=404 | 403, after=n)`):
   after the first `after` matching requests, every one is answered 404 NoSuchKey or 403
-  AccessDenied, unforwarded, until `clear_refusals()`. Not a fault of the store's health: what a
+  AccessDenied, unforwarded, until `reset()`. Not a fault of the store's health: what a
   client sees when an input listed at planning time is deleted, or a prefix is not writable.
   Refusals take precedence over storms and rules.
 
@@ -241,7 +241,6 @@ class Refusal:
     status: int
     after: int = 0
     seen: int = 0  # matching requests so far, let through or refused
-    refused: int = 0
 
 
 def _matches(
@@ -407,9 +406,6 @@ class FaultProxy:
             self._rules = list(rules)
             self._rule_faults.clear()
 
-    def clear_rules(self) -> None:
-        self.set_rules(())
-
     def start_storm(
         self,
         path: str = "",
@@ -446,7 +442,7 @@ class FaultProxy:
         after: int = 0,
     ) -> Refusal:
         """From the `after`+1-th matching request on, answers 404 NoSuchKey (the object is gone)
-        or 403 AccessDenied (forbidden), unforwarded, until clear_refusals()."""
+        or 403 AccessDenied (forbidden), unforwarded, until reset()."""
         if status not in S3_REFUSALS:
             raise ValueError(f"status must be one of {sorted(S3_REFUSALS)}, got {status}")
         re.compile(path)
@@ -454,10 +450,6 @@ class FaultProxy:
         with self._lock:
             self._refusals.append(refusal)
         return refusal
-
-    def clear_refusals(self) -> None:
-        with self._lock:
-            self._refusals = []
 
     def reset(self, seed: int | None = None) -> None:
         """No rules, storm or refusals, and fresh counters: as a new proxy (for shared fixtures);
@@ -520,10 +512,6 @@ class FaultProxy:
         counts.update(event.kind for event in faults)
         return dict(counts)
 
-    def reset_counts(self) -> None:
-        with self._lock:
-            self._log = _Log()
-
     # -- used by the handler threads -------------------------------------------------------------
 
     def _plan(self, method: str, path: str, query: str, range_: str = "") -> _Plan:
@@ -534,7 +522,6 @@ class FaultProxy:
                 if _matches(refusal.methods, refusal.path, refusal.query, method, path, query):
                     refusal.seen += 1
                     if refusal.seen > refusal.after:
-                        refusal.refused += 1
                         self._record("refused", method, path, query, refusal.status)
                         return _Plan(status=refusal.status)
             storm = self._storm
