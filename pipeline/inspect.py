@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from pipeline.defaults import INSPECT_MIN_SCORE, INSPECT_TOP
 from pipeline.errors import UserError
 from pipeline.output import COMMITS_DIR, LABELS_TABLE_NAME, META_DIR, METADATA_KEY
-from pipeline.storage import error_reason, filesystem_for, with_retries
+from pipeline.storage import error_reason, filesystem_for, list_folder, with_retries
 
 T = TypeVar("T")
 
@@ -144,16 +144,8 @@ def open_output(output_uri: str) -> LabelsOutput:
 
 def _list(fs, path: str, output_uri: str) -> list[str] | None:
     """Direct children of path (fresh, never a cached listing); None when it does not exist."""
-    fs.invalidate_cache(path)
-
-    def listing() -> list[str]:
-        try:
-            return list(fs.ls(path, detail=False))
-        except FileNotFoundError:
-            return []
-
     # A store that keeps failing is a StorageError (exit 3, run again), not "no output here".
-    names = with_retries(listing, f"cannot list {output_uri}")
+    names = with_retries(lambda: list_folder(fs, path), f"cannot list {output_uri}")
     if not names and not with_retries(lambda: _exists(fs, path), f"cannot list {output_uri}"):
         return None
     return [name for name in names if name.rstrip("/") != path.rstrip("/")]

@@ -64,6 +64,7 @@ from pipeline.storage import (
     error_reason,
     filesystem_for,
     join_uri,
+    list_folder,
     uri_for,
     with_retries,
 )
@@ -643,7 +644,9 @@ def read_commit_markers(output_uri: str) -> dict[str, CommittedUnit]:
     commits = posixpath.join(root, COMMITS_DIR)
     listed = {
         posixpath.basename(info["name"])[: -len(".json")]: _modified_s(info)
-        for info in with_retries(lambda: _list(fs, commits, detail=True), f"cannot list {commits}")
+        for info in with_retries(
+            lambda: list_folder(fs, commits, detail=True), f"cannot list {commits}"
+        )
         if info["name"].endswith(".json") and not posixpath.basename(info["name"]).startswith(".")
     }
     index, index_modified = _read_index(fs, root, listed)
@@ -722,7 +725,7 @@ def check_resume(
                 _regrouped(output_uri, unit, planned_sources)
     final_files = {
         posixpath.basename(path)
-        for path in with_retries(lambda: _list(fs, root), f"cannot list {output_uri}")
+        for path in with_retries(lambda: list_folder(fs, root), f"cannot list {output_uri}")
         if path.endswith(".parquet")
     }
     committed = frozenset(
@@ -731,7 +734,7 @@ def check_resume(
     # Staging left by a run killed after a marker but before its cleanup: those units are skipped
     # now, so nothing else would ever remove it.
     staging = posixpath.join(root, STAGING_DIR)
-    for path in with_retries(lambda: _list(fs, staging), f"cannot list {staging}"):
+    for path in with_retries(lambda: list_folder(fs, staging), f"cannot list {staging}"):
         if posixpath.basename(path) in committed:
             _remove_retried(fs, path)
     # A planned unit with a marker but no final file is redone: its old fields no longer count.
@@ -833,7 +836,7 @@ def write_stats(output_uri: str, text: str) -> None:
 def _wipe(fs: fsspec.AbstractFileSystem, root: str) -> None:
     # Markers first: a wipe killed halfway leaves no marker pointing at a deleted file.
     _remove_retried(fs, posixpath.join(root, COMMITS_DIR))
-    for path in with_retries(lambda: _list(fs, root), f"cannot list {uri_for(fs, root)}"):
+    for path in with_retries(lambda: list_folder(fs, root), f"cannot list {uri_for(fs, root)}"):
         name = posixpath.basename(path)
         if name.endswith(".parquet") or _is_temp_name(name):
             _remove_retried(fs, path)
@@ -896,18 +899,6 @@ def _put_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         os.fsync(folder_fd)
     finally:
         os.close(folder_fd)
-
-
-def _list(fs: fsspec.AbstractFileSystem, path: str, detail: bool = False) -> list[Any]:
-    """Direct children of path: their paths, or with `detail` their info dicts (name, size,
-    modification time); [] when it does not exist. detail=False is not derived from the details:
-    locally those cost one stat per file. Never from a stale listing cache: other processes (Ray
-    tasks, earlier runs) write here."""
-    fs.invalidate_cache(path)
-    try:
-        return list(fs.ls(path, detail=detail))
-    except FileNotFoundError:
-        return []
 
 
 def _remove_if_empty(fs: fsspec.AbstractFileSystem, path: str) -> None:

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -98,6 +98,18 @@ def error_reason(exc: BaseException) -> str:
     """
     text = " ".join(str(exc).split()) or "no details"
     return f"{type(exc).__name__}: {text}"[:300]
+
+
+def list_folder(fs: fsspec.AbstractFileSystem, path: str, detail: bool = False) -> list[Any]:
+    """Direct children of path: their paths, or with `detail` their info dicts (name, size,
+    modification time); [] when it does not exist. detail=False is not derived from the details:
+    locally those cost one stat per file. Never from a stale listing cache: other processes (Ray
+    tasks, earlier runs) write here."""
+    fs.invalidate_cache(path)
+    try:
+        return list(fs.ls(path, detail=detail))
+    except FileNotFoundError:
+        return []
 
 
 def join_uri(base: str, *parts: str) -> str:
