@@ -1,4 +1,5 @@
-"""ASTConfig: the model's shape and labels, read from and written to a Hugging Face config.json."""
+"""The model's and the features' settings, free of torch: ASTConfig (the model's shape and labels,
+read from and written to a Hugging Face config.json) and FbankConfig (its input features)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ DEFAULT_MODEL = "default"
 MULTI_LABEL = "multi_label_classification"
 SINGLE_LABEL = "single_label_classification"
 AUDIOSET_NUM_LABELS = 527
+# transformers' names of the activations ast_model.model implements.
+HIDDEN_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 
 # Written to config.json so transformers reads our checkpoints as it reads its own; ignored on read
 # (inference has no dropout, and initialisation does not matter for loaded weights).
@@ -45,6 +48,10 @@ class ASTConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "id2label", tuple(str(name) for name in self.id2label))
+        if self.hidden_act not in HIDDEN_ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported (one of {HIDDEN_ACTIVATIONS})"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of "
@@ -126,6 +133,58 @@ class ASTConfig:
 
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+# The smallest AST the pipeline runs: tests and benchmarks.
+TINY_CONFIG = ASTConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    frequency_stride=16,
+    time_stride=16,
+)
+
+
+@dataclass(frozen=True)
+class FbankConfig:
+    sample_rate: int = 16000
+    num_mel_bins: int = 128
+    max_length: int = 1024  # frames after padding/truncation
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    # AudioSet statistics (ASTFeatureExtractor's defaults).
+    mean: float = -4.2677393
+    std: float = 4.5689974
+
+    @classmethod
+    def for_model(
+        cls, cfg: ASTConfig, mean: float | None = None, std: float | None = None
+    ) -> FbankConfig:
+        stats = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+        return cls(num_mel_bins=cfg.num_mel_bins, max_length=cfg.max_length, **stats)
+
+    @property
+    def input_seconds(self) -> float:
+        """Audio that fills the model's input: max_length frames, 10.24 s for 1024."""
+        return self.max_length * self.frame_shift_ms / 1000.0
+
+    @property
+    def frame_seconds(self) -> float:
+        """One fbank frame (25 ms): less audio than this gives no frame at all."""
+        return self.frame_length_ms / 1000.0
+
+    @property
+    def window_size(self) -> int:
+        return int(self.sample_rate * self.frame_length_ms * 0.001)  # kaldi truncates, as here
+
+    @property
+    def window_shift(self) -> int:
+        return int(self.sample_rate * self.frame_shift_ms * 0.001)
+
+    @property
+    def fft_size(self) -> int:
+        return 1 << (self.window_size - 1).bit_length()  # next power of two, 512 for 400
 
 
 def _labels_from_hf(d: dict[str, Any]) -> tuple[str, ...]:

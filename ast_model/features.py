@@ -14,58 +14,17 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from ast_model.config import ASTConfig
+# FbankConfig lives in config.py (torch-free); importing it from here works too.
+from ast_model.config import FbankConfig
 
 PREEMPHASIS = 0.97
 LOW_FREQ_HZ = 20.0
 LOG_FLOOR = torch.finfo(torch.float32).eps  # kaldi's epsilon: log(max(energy, eps))
 _FRAMES_PER_CHUNK = 4096  # ~8 MiB of float32 (512, frames) intermediates per step
 _FILTERS_PER_BAND = 8
-
-
-@dataclass(frozen=True)
-class FbankConfig:
-    sample_rate: int = 16000
-    num_mel_bins: int = 128
-    max_length: int = 1024  # frames after padding/truncation
-    frame_length_ms: float = 25.0
-    frame_shift_ms: float = 10.0
-    # AudioSet statistics (ASTFeatureExtractor's defaults).
-    mean: float = -4.2677393
-    std: float = 4.5689974
-
-    @classmethod
-    def for_model(
-        cls, cfg: ASTConfig, mean: float | None = None, std: float | None = None
-    ) -> FbankConfig:
-        stats = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
-        return cls(num_mel_bins=cfg.num_mel_bins, max_length=cfg.max_length, **stats)
-
-    @property
-    def input_seconds(self) -> float:
-        """Audio that fills the model's input: max_length frames, 10.24 s for 1024."""
-        return self.max_length * self.frame_shift_ms / 1000.0
-
-    @property
-    def frame_seconds(self) -> float:
-        """One fbank frame (25 ms): less audio than this gives no frame at all."""
-        return self.frame_length_ms / 1000.0
-
-    @property
-    def window_size(self) -> int:
-        return int(self.sample_rate * self.frame_length_ms * 0.001)  # kaldi truncates, as here
-
-    @property
-    def window_shift(self) -> int:
-        return int(self.sample_rate * self.frame_shift_ms * 0.001)
-
-    @property
-    def fft_size(self) -> int:
-        return 1 << (self.window_size - 1).bit_length()  # next power of two, 512 for 400
 
 
 def pad_waveforms(clips: Sequence) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -100,20 +101,15 @@ def ray_local(s3_server):
 
 
 def write_hf_checkpoint(directory: Path, labels=TINY_LABELS, **config_overrides) -> Path:
-    """Writes a randomly initialised AST checkpoint with transformers' own save_pretrained."""
+    """Writes a randomly initialised AST checkpoint with transformers' own save_pretrained:
+    ast_model's TINY_CONFIG unless config_overrides say otherwise."""
     import torch
     from transformers import ASTConfig, ASTForAudioClassification
 
-    settings = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        frequency_stride=16,
-        time_stride=16,
-        max_length=1024,
-        num_mel_bins=128,
-    )
+    from ast_model.config import TINY_CONFIG
+
+    settings = {f.name: getattr(TINY_CONFIG, f.name) for f in fields(TINY_CONFIG)}
+    del settings["id2label"]
     settings.update(config_overrides)
     config = ASTConfig(
         **settings,

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from ast_model.checkpoint import BUNDLED_MODEL_DIR, DEFAULT_MODEL, load_checkpoint
-from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
+from ast_model.checkpoint import load_checkpoint
+from ast_model.checkpoint_files import BUNDLED_MODEL_DIR
+from ast_model.config import DEFAULT_MODEL, FbankConfig
+from ast_model.features import compute_fbank, pad_waveforms
 from pipeline.synthetic import CLASS_NAMES, iter_dataset
 
 # Clips the training script never saw: its sets use seeds 0 (training) and 1 (held out).

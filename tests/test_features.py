@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from ast_model.config import ASTConfig
-from ast_model.features import FbankConfig, compute_fbank, num_fbank_frames, pad_waveforms
+from ast_model.config import ASTConfig, FbankConfig
+from ast_model.features import compute_fbank, num_fbank_frames, pad_waveforms
 
 SAMPLE_RATE = 16000
 TOLERANCE = 1e-4

@@ -5,6 +5,7 @@ Tolerance: logits and pooled embeddings within 1e-4 (max abs) in fp32 on the CPU
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import torch
 from conftest import TINY_LABELS, write_hf_checkpoint
 
 from ast_model.checkpoint import load_checkpoint
-from ast_model.config import MULTI_LABEL, SINGLE_LABEL, ASTConfig
-from ast_model.labels import scores_from_logits, top_k
+from ast_model.config import HIDDEN_ACTIVATIONS, MULTI_LABEL, SINGLE_LABEL, TINY_CONFIG, ASTConfig
+from ast_model.labels import scores_from_logits, top_label_ids
 from ast_model.model import ASTForAudioClassification
 
 TOLERANCE = 1e-4
@@ -182,6 +183,18 @@ def test_config_rejects_impossible_settings():
         ASTConfig(problem_type="regression")
     with pytest.raises(ValueError, match="not an Audio Spectrogram"):
         ASTConfig.from_hf_dict({"model_type": "vit"})
+    with pytest.raises(ValueError, match="hidden_act 'tanh' is not supported"):
+        ASTConfig(hidden_act="tanh")
+
+
+@pytest.mark.parametrize("activation", HIDDEN_ACTIVATIONS)
+def test_every_activation_a_config_accepts_is_one_the_model_runs(activation: str):
+    config = dataclasses.replace(
+        TINY_CONFIG, hidden_act=activation, max_length=64, id2label=("a", "b")
+    )
+    logits = ASTForAudioClassification(config)(random_features(config)).logits
+
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
 
 
 # -- labels ---------------------------------------------------------------------------------------
@@ -195,10 +208,10 @@ def test_scores_are_sigmoid_for_multi_label_and_softmax_otherwise():
     assert single.dtype == torch.float32 and torch.allclose(single.sum(), torch.tensor(1.0))
 
 
-def test_top_k_orders_best_first_and_breaks_ties_by_index():
+def test_top_label_ids_orders_best_first_and_breaks_ties_by_id():
     scores = np.array([[0.1, 0.7, 0.2, 0.7], [0.9, 0.0, 0.3, 0.1]], dtype=np.float32)
-    names, values = top_k(scores, 3, ["a", "b", "c", "d"])
+    top = top_label_ids(scores, 3)
 
-    assert names == [["b", "d", "c"], ["a", "c", "d"]]
-    assert values[1] == pytest.approx([0.9, 0.3, 0.1])
-    assert top_k(scores, 10, "abcd")[0][0] == ["b", "d", "c", "a"]
+    assert top.dtype == np.int32
+    assert top.tolist() == [[1, 3, 2], [0, 2, 3]]
+    assert top_label_ids(scores, 10).tolist() == [[1, 3, 2, 0], [0, 2, 3, 1]]
