@@ -18,32 +18,15 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from ast_model.checkpoint_files import (
-    BUNDLED_MODEL_DIR,
-    DEFAULT_MODEL_NAME,
     HF_CONFIG,
     HF_WEIGHTS,
     CheckpointError,
     CheckpointFiles,
     read_checkpoint,
 )
-from ast_model.config import DEFAULT_MODEL, ASTConfig, FbankConfig
+from ast_model.config import ASTConfig, FbankConfig
 from ast_model.layouts import HF_LAYOUT, LAYOUTS, Layout, layout_names, state_dict_in
 from ast_model.model import ASTForAudioClassification
-
-# Re-exported: callers of the torch side find the names they used before checkpoint_files existed.
-__all__ = [
-    "BUNDLED_MODEL_DIR",
-    "DEFAULT_MODEL",
-    "DEFAULT_MODEL_NAME",
-    "CheckpointError",
-    "CheckpointFiles",
-    "LoadedModel",
-    "build_model",
-    "feature_extractor_settings",
-    "load_checkpoint",
-    "read_checkpoint",
-    "save_checkpoint",
-]
 
 HF_PREPROCESSOR = "preprocessor_config.json"
 

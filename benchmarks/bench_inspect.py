@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from labels_output import synthetic_output  # noqa: E402
 
-from pipeline.inspect import SCAN_COLUMNS, inspect_output  # noqa: E402
+from pipeline.commands.inspection import SCAN_COLUMNS, inspect_output  # noqa: E402
 
 LABELS = 527  # AudioSet
 

@@ -103,8 +103,8 @@ def forward_under(
 
 
 def synthetic_features(count: int, fbank_config: FbankConfig) -> torch.Tensor:
-    """(count, T, F) fbank of 10 s clips of pipeline.synthetic's sound classes, shuffled."""
-    from pipeline.synthetic import CLASS_NAMES, iter_dataset
+    """(count, T, F) fbank of 10 s clips of the demo's synthetic sound classes, shuffled."""
+    from pipeline.commands.synthetic import CLASS_NAMES, iter_dataset
 
     per_class = -(-count // len(CLASS_NAMES))
     clips = iter_dataset(per_class, SYNTHETIC_SEED, duration_s=10.0)

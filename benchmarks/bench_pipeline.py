@@ -46,17 +46,13 @@ HF_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 os.environ.update(HF_OFFLINE)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ast_model.config import TINY_CONFIG  # noqa: E402
+
 SIZES = {
-    # hidden, layers, heads, mlp, strides: "tiny" keeps the pipeline's own costs visible.
-    "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        frequency_stride=16,
-        time_stride=16,
-    ),
-    "base": dict(),  # AST-base as published: 768 hidden, 12 layers, strides 10
+    # ast_model's TINY_CONFIG (hidden 32, 2 layers, strides 16) keeps the pipeline's own costs
+    # visible; "base" is AST-base as published: 768 hidden, 12 layers, strides 10.
+    "tiny": {k: v for k, v in TINY_CONFIG.to_hf_dict().items() if not k.endswith(("label", "id"))},
+    "base": dict(),
 }
 CLIP_S = 10.0
 CLIPS_PER_SHARD = 50
@@ -105,7 +101,8 @@ def write_corpus(directory: Path, clips: int, seed: int = 0) -> list[bytes]:
 def floor_fbank(clips: list[bytes], repeats: int = 3) -> tuple[float, list[torch.Tensor]]:
     """CPU-seconds per clip of decode + window + fbank on one thread (the best of `repeats`
     passes after a warm-up, as the pipeline's long-lived workers run warm); and the fbank."""
-    from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
+    from ast_model.config import FbankConfig
+    from ast_model.features import compute_fbank, pad_waveforms
     from pipeline.audio import cut_windows, decode_audio
 
     threads = torch.get_num_threads()
@@ -118,7 +115,8 @@ def floor_fbank(clips: list[bytes], repeats: int = 3) -> tuple[float, list[torch
             windows = []
             for data in part[first : first + FLOOR_BATCH]:
                 decoded = decode_audio(data, "flac", 3600.0)
-                windows += [w.waveform for w in cut_windows(decoded.waveform, 10.24)]
+                cut = cut_windows(decoded.waveform, config.input_seconds)
+                windows += [w.waveform for w in cut]
             batches.append(compute_fbank(*pad_waveforms(windows), config))
         return batches
 

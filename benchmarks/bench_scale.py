@@ -31,14 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.output import (  # noqa: E402
-    COMMITS_DIR,
-    INDEX_NAME,
-    META_DIR,
-    CommittedUnit,
-    write_index,
-)
-from pipeline.sources import plan_work_units  # noqa: E402
+from pipeline.defaults import META_DIR  # noqa: E402
+from pipeline.labeling.plan import plan_work_units  # noqa: E402
+from pipeline.output.commit import CommittedUnit  # noqa: E402
+from pipeline.output.index import write_index  # noqa: E402
+from pipeline.output.layout import COMMITS_DIR, INDEX_NAME, OutputLocation  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
 ast_label = str(Path(sys.executable).with_name("ast-label"))
@@ -131,7 +128,8 @@ def finished_output(pattern: str, shards: Path, count: int, output: Path, model:
         (output / marker["file"]).touch()
         markers.append(marker)
     time.sleep(1.1)  # the index must be newer than every marker
-    write_index(str(output), (CommittedUnit.from_marker(marker) for marker in markers))
+    location = OutputLocation.of(str(output))
+    write_index(location, (CommittedUnit.from_marker(marker) for marker in markers))
     assert len(markers) == count
 
 

@@ -356,7 +356,7 @@ def _resampler(orig_rate: int, new_rate: int) -> torchaudio.transforms.Resample:
 
 def cut_windows(
     waveform: np.ndarray,
-    window_s: float = 10.24,
+    window_s: float,
     hop_s: float | None = None,
     sample_rate: int = TARGET_SAMPLE_RATE,
 ) -> list[Window]:

@@ -1,7 +1,7 @@
 """The failures ast-label's commands report: library modules raise these, never click's errors.
 
-pipeline.cli maps each type to its exit status in one table (`ast-label --help` lists it) and
-prints the message as one line, never a traceback. Messages never hold a credential.
+pipeline.commands.cli maps each type to its exit status in one table (`ast-label --help` lists
+it) and prints the message as one line, never a traceback. Messages never hold a credential.
 """
 
 from __future__ import annotations

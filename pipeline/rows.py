@@ -3,7 +3,7 @@
 A batch is a `dict[str, np.ndarray]` with one entry per column, all of the same length B. Every
 stage and the writer refer to these names; nothing else crosses a process boundary.
 
-    read (WorkUnitSource read tasks: fetch, decode, window, fbank)
+    read (ReadStage, in the read tasks of WorkUnitSource: fetch, decode, window, fbank)
         unit_id       object str   the work unit the row belongs to
         shard         object str   the tar URI, or the file group's id
         key           object str   WebDataset key in the tar, or the file URI
@@ -16,14 +16,15 @@ stage and the writer refer to these names; nothing else crosses a process bounda
         error         object str   why the file has no labels (its bytes are bad); "" = labeled
         unit_failure  object str   why the whole unit must not commit (storage, not data); ""
         unit_rows     int32        0, except on a unit's last row: the unit's row count
+        frames        int32        fbank frames that hold the window's audio (<= T); 0 = none
         fbank         (B, T, F)    normalised log-mel in the classifier's input dtype (see below)
     classify (Classify, in the classifier actors) drops fbank and adds
         embedding     (B, D) float32   pooled output; zeros on rows that are not labeled
         scores        (B, C) float32   sigmoid or softmax; zeros on rows that are not labeled
         top_index     (B, k) int32     label ids by descending score
-    stage (write_staging_parts, in the same actors) writes the batch as staged Parquet parts and
-    returns one record per unit in it, which is all that reaches the driver
-        unit_id, part_uri, rows, unit_rows, unit_failure   (see pipeline.output)
+    stage (output.staging.write_staging_parts, in the same actors) writes the batch as staged
+    Parquet parts and returns one record per unit in it, which is all that reaches the driver
+        unit_id, part_uri, rows, unit_rows, unit_failure   (output.staging.RECORD_COLUMNS)
 
 Null strings travel as "": a block whose values were all None would get Arrow's null type, come
 back from Ray as float NaN, and then fail to merge with a block of strings. The writer turns ""
@@ -58,6 +59,7 @@ METADATA = "metadata"
 ERROR = "error"
 UNIT_FAILURE = "unit_failure"
 UNIT_ROWS = "unit_rows"
+FRAMES = "frames"
 FBANK = "fbank"
 EMBEDDING = "embedding"
 SCORES = "scores"
@@ -77,6 +79,7 @@ ROW_COLUMNS = (
     ERROR,
     UNIT_FAILURE,
     UNIT_ROWS,
+    FRAMES,
 )
 ROW_DTYPES = {
     UNIT_ID: object,
@@ -91,6 +94,7 @@ ROW_DTYPES = {
     ERROR: object,
     UNIT_FAILURE: object,
     UNIT_ROWS: np.int32,
+    FRAMES: np.int32,
 }
 
 # The fbank column's numpy dtype per classifier input dtype. numpy has no bfloat16: bf16 travels
@@ -113,6 +117,7 @@ def empty_row(unit_id: str, shard: str, key: str) -> dict:
         ERROR: "",
         UNIT_FAILURE: "",
         UNIT_ROWS: 0,
+        FRAMES: 0,
     }
 
 

@@ -12,6 +12,9 @@ the stages turn into a unit that does not commit (a rerun reads it again), never
 `with_retries` takes every exception of a call for a fault of the store: many are not OSErrors
 (aiohttp's ClientPayloadError for a body cut short, botocore's ConnectionClosedError and
 EndpointConnectionError; tests/fault_proxy.py lists what each fault looks like).
+
+The primitives every writer uses live here too: `put_file` (a whole file, atomically, retried),
+`delete_path` (a file or a folder/prefix), `read_files` (many whole files at once).
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ import contextlib
 import functools
 import os
 import random
+import re
+import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import fsspec
@@ -42,6 +49,12 @@ S3_CLIENT_ATTEMPTS = 5
 # Seconds to connect, and to wait for an answer's next bytes, before a request counts as failed
 # (and is retried). AST_LABEL_S3_TIMEOUT_S overrides both (tests make timeouts short).
 S3_TIMEOUT_S = 15.0
+# S3 part size of big writes: files under twice this go up in one PUT, bigger ones as a multipart
+# upload that becomes visible only when completed (s3fs aborts it on failure). 8 MiB parts keep a
+# retried part cheap; S3's minimum is 5 MiB.
+S3_PART_BYTES = 8 * 2**20
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -55,6 +68,10 @@ def protocol_of(uri: str) -> str:
 
 def is_local(uri: str) -> bool:
     return protocol_of(uri) == "file"
+
+
+def is_local_filesystem(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
 
 
 def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -326,3 +343,95 @@ class RetryingReader:
 def _etag_of(handle) -> str | None:
     details = getattr(handle, "details", None)  # s3fs: the HEAD's answer; local files: none
     return details.get("ETag") if isinstance(details, dict) else None
+
+
+# --- whole files: written atomically, read many at once, deleted --------------------------------
+
+
+def put_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Writes a whole file so that readers see either nothing/the old file or all of the new one;
+    retried per RetryPolicy, then StorageError.
+
+    Local: a hidden temp file in the same folder, fsync, os.replace. Object stores: one pipe_file,
+    a single PUT or (s3fs, big files) a multipart upload that only appears once completed.
+    """
+    with_retries(lambda: _put_once(fs, path, data), f"cannot write {uri_for(fs, path)}")
+
+
+def _put_once(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    if not is_local_filesystem(fs):
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        fs.pipe_file(path, data, **({"chunksize": S3_PART_BYTES} if "s3" in protocols else {}))
+        return
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(temp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+        raise
+    # Make the rename durable before the caller writes anything that depends on it (a marker).
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(folder_fd)
+    finally:
+        os.close(folder_fd)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of put_file's local temp files (left by a killed process)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def read_files(fs: fsspec.AbstractFileSystem, paths: list[str], what: str) -> list[bytes]:
+    """Whole files, in order; s3fs fetches them concurrently. Retried per RetryPolicy, then
+    StorageError("<what>: reason"). (fs.cat would treat [ ] * ? in a path as a glob; cat_ranges
+    takes paths literally.) Memory: the files' bytes at once."""
+    if not paths:
+        return []
+    return with_retries(lambda: fs.cat_ranges(paths, None, None, on_error="raise"), what)
+
+
+def delete_path(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """delete_path_once, retried per RetryPolicy, then StorageError."""
+    with_retries(lambda: delete_path_once(fs, path), f"cannot delete {uri_for(fs, path)}")
+
+
+def delete_path_once(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Deletes a file or a whole folder/prefix; nothing when it does not exist."""
+    if is_local_filesystem(fs):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        return
+    fs.invalidate_cache(path)
+    objects = fs.find(path)  # the object itself, or every object under the prefix
+    if any(_GLOB_CHARS.search(name) for name in objects):
+        for name in objects:  # fs.rm would expand these names as glob patterns
+            fs.rm_file(name)
+    elif objects:
+        fs.rm(objects)  # s3fs: bulk deletes of up to 1000 keys
+
+
+def delete_if_empty(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Removes an empty local folder (object stores have no empty folders)."""
+    if is_local_filesystem(fs):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+def modified_s(info: dict[str, Any]) -> float | None:
+    """A listing entry's modification time in seconds (local mtime, S3 LastModified)."""
+    if "mtime" in info:
+        return float(info["mtime"])
+    modified = info.get("LastModified") or info.get("last_modified")
+    if isinstance(modified, datetime):
+        return modified.timestamp()
+    return None

@@ -31,7 +31,7 @@ from ast_model.checkpoint import save_checkpoint
 from ast_model.config import SINGLE_LABEL, ASTConfig
 from ast_model.features import FbankConfig, compute_fbank, num_fbank_frames, pad_waveforms
 from ast_model.model import ASTForAudioClassification
-from pipeline.synthetic import CLASS_NAMES, SAMPLE_RATE, LabeledClip, iter_dataset
+from pipeline.commands.synthetic import CLASS_NAMES, SAMPLE_RATE, LabeledClip, iter_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "ast_model" / "default"

@@ -10,13 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.output import COMMITS_DIR, OutputSpec
+from pipeline.output.layout import COMMITS_DIR, OutputLocation
+from pipeline.output.schema import OutputSpec
 from pipeline.storage import filesystem_for
 
 
 def spec_for(label_names, hidden: int = 4) -> OutputSpec:
     return OutputSpec(
-        output_uri="/unused",
+        location=OutputLocation.of("/unused"),
         run_id="test",
         hidden_size=hidden,
         num_labels=len(label_names),

@@ -16,6 +16,7 @@ import torch
 import torchaudio
 from audio_corpus import encode, encode_with_pyav, remux, sine, video_with_audio, wav_bytes
 
+from ast_model.config import FbankConfig
 from pipeline.audio import AudioError, cut_windows, decode_audio, resample
 from pipeline.formats import (
     AUDIO_EXTENSIONS,
@@ -26,6 +27,7 @@ from pipeline.formats import (
 )
 
 MAX_S = 60.0
+WINDOW_S = FbankConfig().input_seconds  # the model's input: 10.24 s
 
 
 def peak_hz(waveform: np.ndarray, sample_rate: int = 16_000) -> float:
@@ -156,7 +158,7 @@ def assert_damage_is_an_audio_error_or_finite(variants: list[bytes], fmt: str) -
 
 def test_windows_are_back_to_back_and_keep_the_partial_tail():
     clip = np.arange(25 * 16_000, dtype=np.float32)  # 25 s
-    windows = cut_windows(clip)
+    windows = cut_windows(clip, WINDOW_S)
     assert [(w.index, w.start_s, w.end_s) for w in windows] == [
         (0, 0.0, 10.24),
         (1, 10.24, 20.48),
@@ -167,11 +169,11 @@ def test_windows_are_back_to_back_and_keep_the_partial_tail():
 
 
 def test_tail_shorter_than_one_frame_is_dropped_unless_it_is_all_there_is():
-    assert len(cut_windows(np.zeros(163_840 + 399, np.float32))) == 1
-    assert len(cut_windows(np.zeros(163_840 + 400, np.float32))) == 2
-    (only,) = cut_windows(np.zeros(100, np.float32))
+    assert len(cut_windows(np.zeros(163_840 + 399, np.float32), WINDOW_S)) == 1
+    assert len(cut_windows(np.zeros(163_840 + 400, np.float32), WINDOW_S)) == 2
+    (only,) = cut_windows(np.zeros(100, np.float32), WINDOW_S)
     assert (only.start_s, only.end_s, len(only.waveform)) == (0.0, 100 / 16_000, 100)
-    assert cut_windows(np.zeros(0, np.float32)) == []
+    assert cut_windows(np.zeros(0, np.float32), WINDOW_S) == []
 
 
 def test_overlapping_hop_stops_once_a_window_reaches_the_end():
@@ -180,7 +182,7 @@ def test_overlapping_hop_stops_once_a_window_reaches_the_end():
 
 
 def test_exact_multiple_gives_only_full_windows():
-    windows = cut_windows(np.zeros(2 * 163_840, np.float32))
+    windows = cut_windows(np.zeros(2 * 163_840, np.float32), WINDOW_S)
     assert [(w.start_s, w.end_s) for w in windows] == [(0.0, 10.24), (10.24, 20.48)]
 
 

@@ -19,8 +19,8 @@ from audio_corpus import encode, sine
 from click.testing import CliRunner
 from conftest import free_port
 
-from ast_model.checkpoint import CheckpointError
-from pipeline.cli import EXIT_STATUSES, exit_status, main
+from ast_model.checkpoint_files import CheckpointError
+from pipeline.commands.cli import EXIT_STATUSES, exit_status, main
 from pipeline.errors import Interrupted, RunIncomplete, UserError, WorkFailed
 from pipeline.storage import StorageError
 

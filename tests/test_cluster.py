@@ -22,7 +22,7 @@ from conftest import write_hf_checkpoint
 from ray_cluster import LoopbackCluster, free_port, start_loopback_cluster
 from test_norm_stats import noise_clip, reference_norm_stats
 
-from pipeline.submit import (
+from pipeline.commands.submit import (
     BIG_FILE_BYTES,
     CommandError,
     connect,
@@ -103,6 +103,7 @@ def list_state(cluster: LoopbackCluster, what: str) -> list[dict]:
         timeout=120,
         check=True,
     )
+    assert "[" in result.stdout, f"ray list {what}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
     return json.loads(result.stdout[result.stdout.index("[") :])
 
 
@@ -131,6 +132,7 @@ def labeling_job(cluster, corpus) -> LabelingJob:
         "--classifier-actors",
         "1",
     )
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     nodes = list_state(cluster, "nodes")
     actors = list_state(cluster, "actors")  # finished actors and tasks stay listed, with a node
     tasks = list_state(cluster, "tasks")
@@ -139,7 +141,7 @@ def labeling_job(cluster, corpus) -> LabelingJob:
         output=output,
         gpu_nodes={n["node_id"] for n in nodes if n["resources_total"].get("GPU", 0) >= 1},
         stage_nodes={
-            "Classify": {a["node_id"] for a in actors if "(ClassifyAndStage)" in a["class_name"]},
+            "Classify": {a["node_id"] for a in actors if "(ClassifierActor)" in a["class_name"]},
             # The read tasks fetch, decode and compute the fbank: the CPU-heavy stage.
             "ReadWorkUnitSource": {
                 t["node_id"] for t in tasks if t["name"].startswith("ReadWorkUnitSource")

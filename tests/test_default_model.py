@@ -12,7 +12,7 @@ from ast_model.checkpoint import load_checkpoint
 from ast_model.checkpoint_files import BUNDLED_MODEL_DIR
 from ast_model.config import DEFAULT_MODEL, FbankConfig
 from ast_model.features import compute_fbank, pad_waveforms
-from pipeline.synthetic import CLASS_NAMES, iter_dataset
+from pipeline.commands.synthetic import CLASS_NAMES, iter_dataset
 
 # Clips the training script never saw: its sets use seeds 0 (training) and 1 (held out).
 FRESH_SEED = 2024

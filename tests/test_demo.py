@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pipeline.demo import (
+from pipeline.commands.demo import (
     DemoCorpus,
     DemoReport,
     file_results,
@@ -25,9 +25,9 @@ from pipeline.demo import (
     run_demo,
     write_demo_corpus,
 )
-from pipeline.output import output_schema
-from pipeline.run import RunSummary
-from pipeline.synthetic import CLASS_NAMES
+from pipeline.commands.synthetic import CLASS_NAMES
+from pipeline.labeling.summary import RunSummary
+from pipeline.output.schema import output_schema
 
 
 def _digest(path: Path) -> str:

@@ -32,17 +32,18 @@ from audio_corpus import encode, sine, tar_bytes
 from conftest import free_port
 from fault_proxy import FaultProxy, FaultRule
 
-from ast_model.features import FbankConfig
+from ast_model.config import FbankConfig
 from pipeline import rows as R
-from pipeline import sources
-from pipeline.output import _put
-from pipeline.sources import WorkUnit, tar_unit_id
-from pipeline.stages import FeatureSettings, ReadSettings, WindowFeatures
+from pipeline.labeling import members
+from pipeline.labeling.plan import WorkUnit, tar_unit_id
+from pipeline.labeling.read import ReadStage
+from pipeline.settings import FeatureSettings, ReadSettings
 from pipeline.storage import (
     RetryingReader,
     RetryPolicy,
     StorageError,
     filesystem_for,
+    put_file,
     with_retries,
 )
 
@@ -622,7 +623,7 @@ def test_a_lost_answer_to_a_multipart_completion_is_written_again(proxy, store, 
         ]
     )
 
-    _put(proxied, path, data)
+    put_file(proxied, path, data)
 
     assert store.cat_file(path) == data
     assert proxy.faults_injected("drop", "POST") == 1
@@ -634,7 +635,7 @@ def test_a_storm_partway_through_a_shard_ends_its_unit_with_a_failure_row(
     proxy, store, proxied, monkeypatch
 ):
     """Rows already read stay rows; the storm adds no error row, only the unit's failure."""
-    monkeypatch.setattr(sources, "_STREAM_BLOCK_BYTES", 64 * 1024)  # many ranged GETs per shard
+    monkeypatch.setattr(members, "_STREAM_BLOCK_BYTES", 64 * 1024)  # many ranged GETs per shard
     entries = [
         (f"clip-{i}.wav", encode(sine(3.0, sr=16_000, freq=300.0 + 50 * i), 16_000, "wav"))
         for i in range(6)
@@ -643,7 +644,7 @@ def test_a_storm_partway_through_a_shard_ends_its_unit_with_a_failure_row(
     store.pipe_file(path, tar_bytes(entries))
     unit = WorkUnit(tar_unit_id(f"s3://{path}"), "tar", (f"s3://{path}",))
     read = ReadSettings(window_s=10.24, hop_s=10.24, max_duration_s=60.0, max_member_bytes=MiB)
-    stage = WindowFeatures(read, FeatureSettings(FbankConfig(), "float32", 4))
+    stage = ReadStage(read, FeatureSettings(FbankConfig(), "float32", 4))
 
     rows = []
     for row, _ in stage.unit_rows(unit):

@@ -1,4 +1,4 @@
-"""`ast-label inspect` and pipeline.inspect: counts, label queries with times, plots, s3:// outputs,
+"""`ast-label inspect` and its scan: counts, label queries with times, plots, s3:// outputs,
 and a 100k-row output, on outputs written here in the pipeline's own schema (no Ray)."""
 
 from __future__ import annotations
@@ -14,21 +14,20 @@ import pytest
 from click.testing import CliRunner
 from labels_output import spec_for, synthetic_output, write_unit
 
-from pipeline.cli import main
-from pipeline.errors import UserError
-from pipeline.inspect import (
-    InspectError,
+from pipeline.commands.cli import main
+from pipeline.commands.inspect_report import format_inspection, inspection_json
+from pipeline.commands.inspection import (
     LabelQuery,
     UnknownLabel,
     duckdb_label_query,
     files_with_label,
-    format_inspection,
     inspect_output,
-    inspection_json,
     reduce_unit,
     resolve_label,
 )
-from pipeline.output import write_labels_table
+from pipeline.errors import UserError
+from pipeline.output.layout import OutputLocation, write_labels_table
+from pipeline.output.reader import UnreadableOutput
 from pipeline.storage import filesystem_for
 
 LABELS = ("Speech", "Dog", "Bark", "Music", "Silence")
@@ -245,22 +244,22 @@ def test_only_committed_unit_files_are_read_and_a_copy_without_markers_is_read_w
 
 
 def test_what_is_not_an_output_fails_with_one_line(tmp_path):
-    with pytest.raises(InspectError, match="no output at .*: no such folder"):
+    with pytest.raises(UnreadableOutput, match="no output at .*: no such folder"):
         inspect_output(str(tmp_path / "missing"))
     (tmp_path / "audio").mkdir()
     (tmp_path / "audio" / "a.wav").write_bytes(b"RIFF")
-    with pytest.raises(InspectError, match="not an ast-label output: no \\*.parquet"):
+    with pytest.raises(UnreadableOutput, match="not an ast-label output: no \\*.parquet"):
         inspect_output(str(tmp_path / "audio"))
     pq.write_table(pa.table({"x": [1]}), tmp_path / "audio" / "other.parquet")
-    with pytest.raises(InspectError, match="other.parquet has no ast_label metadata"):
+    with pytest.raises(UnreadableOutput, match="other.parquet has no ast_label metadata"):
         inspect_output(str(tmp_path / "audio"))
     (tmp_path / "running" / ".ast-label" / "staging").mkdir(parents=True)
-    with pytest.raises(InspectError, match="no committed results yet"):
+    with pytest.raises(UnreadableOutput, match="no committed results yet"):
         inspect_output(str(tmp_path / "running"))
 
 
 def test_plots_png_svg_and_html_report_are_written(small_output, tmp_path):
-    from pipeline.plots import write_plot
+    from pipeline.commands.plots import write_plot
 
     with_query = inspect_output(small_output, "Dog", 0.6, timelines=6)
     # Long files (more than one window) that match, best first.
@@ -281,7 +280,7 @@ def test_plots_png_svg_and_html_report_are_written(small_output, tmp_path):
 
 
 def test_plot_needs_the_extra_and_a_known_file_type(small_output, tmp_path, monkeypatch):
-    from pipeline.plots import PlotError, check_plot_path
+    from pipeline.commands.plots import PlotError, check_plot_path
 
     with pytest.raises(PlotError, match="give a file name ending in .png"):
         check_plot_path(tmp_path / "x.gif")
@@ -319,7 +318,7 @@ def test_duckdb_and_pandas_one_liners_find_the_same_files(small_output):
     import duckdb
     import pandas as pd
 
-    write_labels_table(small_output, LABELS)
+    write_labels_table(OutputLocation.of(small_output), LABELS)
     table = pd.read_csv(f"{small_output}/.ast-label/labels.csv")
     assert table.to_dict("list") == {"index": list(range(len(LABELS))), "name": list(LABELS)}
     expected = {
@@ -342,7 +341,7 @@ def test_labels_table_quotes_names_with_commas(tmp_path):
     import duckdb
 
     names = ("Beep, bleep", 'Say "hi"', "Plain")
-    uri = write_labels_table(str(tmp_path), names)
+    uri = write_labels_table(OutputLocation.of(str(tmp_path)), names)
     assert uri == f"{tmp_path}/.ast-label/labels.csv"
     rows = duckdb.sql(f"select index, name from read_csv('{uri}') order by index").fetchall()
     assert rows == list(enumerate(names))
@@ -360,7 +359,7 @@ def test_an_output_on_s3_is_inspected_like_a_local_one(s3_server, small_output):
     here = inspect_output(small_output, "Dog", 0.6)
     assert remote.counts == here.counts
     assert remote.matches().equals(here.matches())
-    with pytest.raises(InspectError, match="no output at"):
+    with pytest.raises(UnreadableOutput, match="no output at"):
         inspect_output(f"{bucket}/elsewhere")
 
 
@@ -409,7 +408,7 @@ def test_a_unit_file_without_its_marker_is_uncommitted_even_when_no_marker_exist
     # file and the .ast-label folder but no marker at all. That file is not a result yet.
     out = str(tmp_path / "out")
     write_unit(out, "unit-a", rows_table([Row("s", "a", 0, 0.0, 5.0, 5.0)]), marker=False)
-    with pytest.raises(InspectError, match="no committed results yet"):
+    with pytest.raises(UnreadableOutput, match="no committed results yet"):
         inspect_output(out)
     write_unit(out, "unit-b", rows_table([Row("s", "b", 0, 0.0, 5.0, 5.0)]))
     inspection = inspect_output(out)
@@ -430,7 +429,7 @@ def test_a_failing_store_exits_3_and_a_file_that_is_not_parquet_exits_2(
     monkeypatch.setenv("AST_LABEL_IO_ATTEMPTS", "2")
     monkeypatch.setenv("AST_LABEL_IO_DELAY_S", "0")
     failing = Failing(skip_instance_cache=True)
-    monkeypatch.setattr("pipeline.inspect.filesystem_for", lambda uri: (failing, uri))
+    monkeypatch.setattr("pipeline.output.layout.filesystem_for", lambda uri: (failing, uri))
     result = CliRunner().invoke(main, ["inspect", small_output])
     assert result.exit_code == 3, result.output
     assert "connection reset by peer" in result.output and "Traceback" not in result.output

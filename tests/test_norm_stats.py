@@ -12,9 +12,10 @@ import torchaudio
 from audio_corpus import encode, write_tar_shard
 from click.testing import CliRunner
 
-from pipeline.cli import norm_stats_command
+from pipeline.commands.cli import norm_stats_command
+from pipeline.commands.norm_stats import compute_norm_stats
 from pipeline.errors import UserError
-from pipeline.norm_stats import NormStats, NormStatsError, compute_norm_stats
+from pipeline.normalisation import NormStats, NormStatsError
 
 WINDOW_SAMPLES = 163_840  # 10.24 s at 16 kHz: the model's input, as the pipeline cuts windows
 MIN_WINDOW_SAMPLES = 400  # one 25 ms frame
@@ -161,7 +162,7 @@ def test_a_shard_gone_after_planning_exits_3_with_one_line(
 ):
     # The read fails inside a Ray task: the driver must still see the store's fault (exit 3), not
     # a task error with a traceback (a bug's exit 1).
-    import pipeline.norm_stats as norm_stats
+    import pipeline.commands.norm_stats as norm_stats
 
     shard = tmp_path / "shard-000000.tar"
     shard.write_bytes((corpus[0] / "shard-000000.tar").read_bytes())

@@ -15,22 +15,15 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import output
+from pipeline import storage
 from pipeline.errors import UserError
-from pipeline.output import (
-    CommittedUnit,
-    CommitTracker,
-    OutputError,
-    OutputSpec,
-    check_resume,
-    commit_unit,
-    output_schema,
-    read_commit_markers,
-    rows_to_table,
-    write_index,
-    write_staging_parts,
-    write_summary,
-)
+from pipeline.output import index as output_index
+from pipeline.output.commit import CommittedUnit, StagedUnit, StagingLedger, commit_unit
+from pipeline.output.index import read_commit_markers, write_index
+from pipeline.output.layout import OutputError, OutputLocation, write_summary
+from pipeline.output.resume import check_resume
+from pipeline.output.schema import OutputSpec, output_schema, rows_to_table
+from pipeline.output.staging import write_staging_parts
 from pipeline.storage import StorageError
 
 HIDDEN = 8
@@ -52,7 +45,15 @@ def make_spec(
         "package_version": "0.1.0",
         **metadata,
     }
-    return OutputSpec(output_uri, run_id, hidden, len(LABELS), file_metadata)
+    return OutputSpec(OutputLocation.of(output_uri), run_id, hidden, len(LABELS), file_metadata)
+
+
+def at(uri: str) -> OutputLocation:
+    return OutputLocation.of(uri)
+
+
+def commit(spec: OutputSpec, unit_id: str, sources, part_uris, rows: int) -> dict:
+    return commit_unit(spec, StagedUnit(unit_id, tuple(part_uris), rows), sources)
 
 
 def unit_batch(
@@ -63,7 +64,7 @@ def unit_batch(
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """All rows of one unit, shaped as the classify stage emits them: (B, D) vectors with zeros on
-    error rows, top lists as object arrays; the unit's total rides on its last row."""
+    error rows, top-k label ids; the unit's total rides on its last row."""
     rng = np.random.default_rng(seed)
     rows = [(key, w, None) for key, count in windows_per_key.items() for w in range(count)]
     rows += [(key, 0, f"cannot decode {key}") for key in error_keys]
@@ -73,12 +74,7 @@ def unit_batch(
     scores = rng.random((count, len(LABELS))).astype(np.float32)
     embedding[failed] = 0.0
     scores[failed] = 0.0
-    top_index = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_K]
-    top_labels = np.empty(count, dtype=object)
-    top_scores = np.empty(count, dtype=object)
-    for i in range(count):
-        top_labels[i] = [LABELS[j] for j in top_index[i]]
-        top_scores[i] = scores[i, top_index[i]].tolist()
+    top_index = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_K].astype(np.int32)
     durations = {key: WINDOW_S * (n - 0.5) for key, n in windows_per_key.items()}
     unit_rows = np.zeros(count, dtype=np.int32)
     unit_rows[-1] = count
@@ -94,10 +90,10 @@ def unit_batch(
         "sample_rate": np.array([0 if e else 44100 for _, _, e in rows], dtype=np.int32),
         "embedding": embedding,
         "scores": scores,
-        "top_labels": top_labels,
-        "top_scores": top_scores,
+        "top_index": top_index,
         "metadata": np.array([json.dumps({"k": k}) for k, _, _ in rows], dtype=object),
         "error": np.array([e for _, _, e in rows], dtype=object),
+        "unit_failure": np.array([""] * count, dtype=object),
     }
 
 
@@ -115,15 +111,13 @@ def shuffled_batches(batch: dict[str, np.ndarray], parts: int, seed: int = 1) ->
 
 
 def stage_and_commit(spec: OutputSpec, batches, sources: dict[str, list[str]]) -> dict[str, dict]:
-    """What the lead's graph does: stage every batch, commit units as the tracker completes them."""
-    tracker = CommitTracker()
+    """What the lead's graph does: stage every batch, commit units as the ledger completes them."""
+    ledger = StagingLedger()
     markers = {}
     for batch in batches:
-        for done in tracker.add(write_staging_parts(batch, spec)):
-            markers[done.unit_id] = commit_unit(
-                spec, done.unit_id, sources[done.unit_id], done.part_uris, done.rows
-            )
-    assert tracker.pending == {}
+        for done in ledger.add(write_staging_parts(batch, spec)):
+            markers[done.unit_id] = commit_unit(spec, done, sources[done.unit_id])
+    assert ledger.pending == {}
     return markers
 
 
@@ -174,20 +168,8 @@ def test_schema_has_exactly_the_agreed_columns_and_types():
 def test_rows_round_trip_with_null_vectors_on_error_rows(tmp_path):
     spec = make_spec(str(tmp_path / "out"))
     batch = unit_batch("shard-000000", {"a": 2, "b": 1}, error_keys=["bad"])
-    # The same rows with object-array vectors (None on the error row) give the same table.
-    as_objects = dict(batch)
-    for name in ("embedding", "scores"):
-        holder = np.empty(len(batch[name]), dtype=object)
-        holder[:] = [None if e else v for v, e in zip(batch[name], batch["error"], strict=True)]
-        as_objects[name] = holder
-    as_objects["top_labels"] = np.array(
-        [None if e else v for v, e in zip(batch["top_labels"], batch["error"], strict=True)],
-        dtype=object,
-    )
-    assert rows_to_table(as_objects, spec).equals(rows_to_table(batch, spec))
-
     stage_and_commit(spec, [batch], {"shard-000000": ["s3://in/shard-000000.tar"]})
-    table = read_final(spec.output_uri, "shard-000000")
+    table = read_final(spec.location.uri, "shard-000000")
     assert table.schema.equals(output_schema(HIDDEN, len(LABELS)), check_metadata=False)
     rows = table.to_pylist()
     assert [(r["key"], r["window_index"], r["error"]) for r in rows] == [
@@ -201,8 +183,9 @@ def test_rows_round_trip_with_null_vectors_on_error_rows(tmp_path):
     assert bad["top_labels"] is None and bad["top_scores"] is None
     good = rows[0]
     np.testing.assert_array_equal(np.array(good["embedding"], np.float32), batch["embedding"][0])
-    assert good["top_labels"] == batch["top_labels"][0]
-    np.testing.assert_allclose(good["top_scores"], batch["top_scores"][0], rtol=0, atol=0)
+    top = batch["top_index"][0]
+    assert good["top_labels"] == [LABELS[i] for i in top]
+    np.testing.assert_allclose(good["top_scores"], batch["scores"][0][top], rtol=0, atol=0)
     assert good["metadata"] == json.dumps({"k": "a"}) and good["sample_rate"] == 44100
 
     described = json.loads(table.schema.metadata[b"ast_label"])
@@ -211,13 +194,15 @@ def test_rows_round_trip_with_null_vectors_on_error_rows(tmp_path):
     assert described["model_fingerprint"] == spec.model_fingerprint
 
 
-def test_top_lists_can_come_from_top_index_and_label_names(tmp_path):
+def test_top_lists_come_from_top_index_and_label_names_and_are_null_on_error_rows(tmp_path):
     spec = make_spec(str(tmp_path))
     batch = unit_batch("u", {"a": 3}, error_keys=["bad"])
-    expected = rows_to_table(batch, spec)
-    batch["top_index"] = np.argsort(-batch["scores"], axis=1, kind="stable")[:, :TOP_K]
-    del batch["top_labels"], batch["top_scores"]
-    assert rows_to_table(batch, spec).equals(expected)
+    table = rows_to_table(batch, spec)
+    for row, top in enumerate(batch["top_index"][:3]):
+        assert table["top_labels"][row].as_py() == [LABELS[i] for i in top]
+        assert table["top_scores"][row].as_py() == batch["scores"][row][top].tolist()
+    assert table["top_labels"][3].as_py() is None and table["top_scores"][3].as_py() is None
+    assert len(table["top_labels"].combine_chunks().values) == 3 * TOP_K  # nulls hold nothing
 
 
 def test_row_with_wrong_embedding_size_is_rejected(tmp_path):
@@ -241,7 +226,7 @@ def test_fingerprint_ignores_model_path_and_package_version_but_not_weights(tmp_
     assert make_spec(str(tmp_path), hop_s=5.12).model_fingerprint != base.model_fingerprint
 
 
-# --- tracker ----------------------------------------------------------------------------------
+# --- ledger -----------------------------------------------------------------------------------
 
 
 def records(*rows: tuple[str, str, int, int]) -> dict[str, np.ndarray]:
@@ -251,43 +236,44 @@ def records(*rows: tuple[str, str, int, int]) -> dict[str, np.ndarray]:
         "part_uri": np.array(part_uri, dtype=object),
         "rows": np.array(count),
         "unit_rows": np.array(total),
+        "unit_failure": np.array([""] * len(rows), dtype=object),
     }
 
 
-def test_tracker_completes_a_unit_only_when_all_its_parts_are_in():
-    tracker = CommitTracker()
+def test_ledger_completes_a_unit_only_when_all_its_parts_are_in():
+    ledger = StagingLedger()
     # Unit a: 10 rows in parts of 4 + 3 + 3, mixed into batches with unit b's parts.
-    assert tracker.add(records(("a", "a/1", 4, 0), ("b", "b/1", 5, 0))) == []
-    assert tracker.add(records(("a", "a/2", 3, 10))) == []  # total known, 7 of 10 rows in
-    assert tracker.pending == {"a": (7, 10), "b": (5, 0)}
-    done = tracker.add(records(("b", "b/2", 1, 6), ("a", "a/3", 3, 0)))
+    assert ledger.add(records(("a", "a/1", 4, 0), ("b", "b/1", 5, 0))) == []
+    assert ledger.add(records(("a", "a/2", 3, 10))) == []  # total known, 7 of 10 rows in
+    assert ledger.pending == {"a": (7, 10), "b": (5, 0)}
+    done = ledger.add(records(("b", "b/2", 1, 6), ("a", "a/3", 3, 0)))
     assert [(d.unit_id, d.part_uris, d.rows) for d in done] == [
         ("b", ("b/1", "b/2"), 6),
         ("a", ("a/1", "a/2", "a/3"), 10),
     ]
-    assert tracker.pending == {}
+    assert ledger.pending == {}
 
 
-def test_tracker_completes_when_the_total_arrives_last_and_counts_a_repeated_record_once():
-    tracker = CommitTracker()
-    assert tracker.add(records(("u", "u/1", 2, 0))) == []
-    assert tracker.add(records(("u", "u/1", 2, 0))) == []  # the same part reported again
-    [done] = tracker.add(records(("u", "u/2", 1, 3)))
+def test_ledger_completes_when_the_total_arrives_last_and_counts_a_repeated_record_once():
+    ledger = StagingLedger()
+    assert ledger.add(records(("u", "u/1", 2, 0))) == []
+    assert ledger.add(records(("u", "u/1", 2, 0))) == []  # the same part reported again
+    [done] = ledger.add(records(("u", "u/2", 1, 3)))
     assert done.part_uris == ("u/1", "u/2") and done.rows == 3
 
 
-def test_tracker_never_commits_a_unit_with_more_rows_than_it_has():
-    tracker = CommitTracker()
-    tracker.add(records(("u", "u/1", 2, 3)))
-    assert tracker.add(records(("u", "u/2", 3, 0))) == []
-    assert tracker.failed == {"u": "5 rows staged but the unit has 3 (rows arrived twice)"}
+def test_ledger_never_commits_a_unit_with_more_rows_than_it_has():
+    ledger = StagingLedger()
+    ledger.add(records(("u", "u/1", 2, 3)))
+    assert ledger.add(records(("u", "u/2", 3, 0))) == []
+    assert ledger.failed == {"u": "5 rows staged but the unit has 3 (rows arrived twice)"}
     # Whatever arrives for it later is ignored: the unit stays failed, never committed.
-    assert tracker.add(records(("u", "u/3", 1, 3))) == [] and tracker.pending == {}
+    assert ledger.add(records(("u", "u/3", 1, 3))) == [] and ledger.pending == {}
 
 
-def test_tracker_fails_a_unit_that_reports_a_storage_failure():
-    tracker = CommitTracker()
-    tracker.add(records(("u", "u/1", 2, 0), ("v", "v/1", 1, 1)))
+def test_ledger_fails_a_unit_that_reports_a_storage_failure():
+    ledger = StagingLedger()
+    ledger.add(records(("u", "u/1", 2, 0), ("v", "v/1", 1, 1)))
     failure = {
         "unit_id": np.array(["u"], dtype=object),
         "part_uri": np.array([""], dtype=object),
@@ -295,12 +281,12 @@ def test_tracker_fails_a_unit_that_reports_a_storage_failure():
         "unit_rows": np.array([4]),
         "unit_failure": np.array(["cannot read s3://b/u.tar: OSError: boom"], dtype=object),
     }
-    assert tracker.add(failure) == []
-    assert tracker.failed == {"u": "cannot read s3://b/u.tar: OSError: boom"}
-    assert tracker.new_failures() == [("u", "cannot read s3://b/u.tar: OSError: boom")]
+    assert ledger.add(failure) == []
+    assert ledger.failed == {"u": "cannot read s3://b/u.tar: OSError: boom"}
+    assert ledger.new_failures() == [("u", "cannot read s3://b/u.tar: OSError: boom")]
     # Parts of the failed unit still on their way change nothing, and are reported once.
-    assert tracker.add(records(("u", "u/2", 2, 0))) == [] and tracker.pending == {}
-    assert tracker.new_failures() == [] and set(tracker.failed) == {"u"}
+    assert ledger.add(records(("u", "u/2", 2, 0))) == [] and ledger.pending == {}
+    assert ledger.new_failures() == [] and set(ledger.failed) == {"u"}
 
 
 # --- commit -----------------------------------------------------------------------------------
@@ -330,7 +316,7 @@ def test_commit_writes_one_sorted_file_per_unit_and_a_marker(output_uri):
         ("k3", 2),
     ]
     marker = markers["shard-a"]
-    assert read_commit_markers(output_uri) == {
+    assert read_commit_markers(at(output_uri)) == {
         unit_id: CommittedUnit.from_marker(written) for unit_id, written in markers.items()
     }
     assert {k: marker[k] for k in ("unit_id", "sources", "rows", "files", "windows", "errors")} == {
@@ -382,7 +368,7 @@ def test_commit_refuses_a_row_count_that_does_not_match(tmp_path):
     spec = make_spec(str(tmp_path))
     [record] = [write_staging_parts(unit_batch("u", {"a": 2}), spec)]
     with pytest.raises(RuntimeError, match="hold 2 rows, expected 3"):
-        commit_unit(spec, "u", ["s"], list(record["part_uri"]), 3)
+        commit(spec, "u", ["s"], list(record["part_uri"]), 3)
     assert not (tmp_path / "u.parquet").exists()
 
 
@@ -393,15 +379,15 @@ def test_output_path_with_glob_characters_is_taken_literally(tmp_path):
     commit_units(uri, {"u": ["s"]})
     assert stored(uri) == {"u.parquet", ".ast-label/commits/u.json"}
     fp = make_spec(uri).model_fingerprint
-    assert check_resume(uri, [("u", ["s"])], fp, False).committed == {"u"}
-    assert check_resume(uri, [("u", ["s"])], fp, True).committed == set()
+    assert check_resume(at(uri), [("u", ["s"])], fp, False).committed == {"u"}
+    assert check_resume(at(uri), [("u", ["s"])], fp, True).committed == set()
     assert stored(uri) == set() and (tmp_path / "out1" / "u.parquet").exists()
 
 
 @pytest.mark.parametrize("unit_id", ["_hidden", ".hidden", "a/b", "../up", ""])
 def test_unsafe_unit_ids_are_rejected(tmp_path, unit_id):
     with pytest.raises(ValueError, match="not a safe file name"):
-        commit_unit(make_spec(str(tmp_path)), unit_id, [], [], 0)
+        commit(make_spec(str(tmp_path)), unit_id, [], [], 0)
 
 
 def test_readers_see_only_committed_rows_while_staging_exists(tmp_path):
@@ -409,7 +395,7 @@ def test_readers_see_only_committed_rows_while_staging_exists(tmp_path):
     spec = make_spec(uri)
     stage_and_commit(spec, [unit_batch("done", {"a": 2, "b": 1})], {"done": ["s1"]})
     write_staging_parts(take(unit_batch("busy", {"c": 4}), slice(0, 3)), spec)  # not complete
-    write_summary(uri, {"files": 2})
+    write_summary(at(uri), {"files": 2})
     assert any(p.startswith(".ast-label/staging/busy/") for p in stored(uri))
 
     assert pads.dataset(uri, format="parquet").count_rows() == 3
@@ -434,7 +420,7 @@ def test_file_over_the_multipart_threshold_goes_up_in_parts_on_s3(s3_server):
     # Random float32 embeddings do not compress: 2200 rows x 2048 x 4 bytes is about 17 MiB, over
     # twice the part size, so s3fs uploads it as a multipart upload (ETag "<md5>-<parts>").
     hidden = 2048
-    assert 2200 * hidden * 4 > 2 * output.S3_PART_BYTES
+    assert 2200 * hidden * 4 > 2 * storage.S3_PART_BYTES
     uri = s3_server.create_bucket(f"big-{uuid.uuid4().hex[:12]}") + "/labels"
     spec = make_spec(uri, hidden=hidden)
     unit = unit_batch("big", {f"k{i:02d}": 100 for i in range(22)}, hidden=hidden)
@@ -444,7 +430,7 @@ def test_file_over_the_multipart_threshold_goes_up_in_parts_on_s3(s3_server):
 
     fs = s3_server.filesystem()
     info = fs.info(f"{uri[len('s3://') :]}/big.parquet")
-    assert info["size"] == marker["bytes"] > 2 * output.S3_PART_BYTES
+    assert info["size"] == marker["bytes"] > 2 * storage.S3_PART_BYTES
     assert "-" in info["ETag"].strip('"')  # multipart
     table = read_final(uri, "big")
     assert table.num_rows == 2200
@@ -471,19 +457,19 @@ def test_resume_skips_committed_units_and_redoes_one_whose_file_is_missing(outpu
     fs.rm(f"{root}/u2.parquet")
     plan = [("u1", ["s1"]), ("u2", ["s2"]), ("u3", ["s3"])]
     assert check_resume(
-        output_uri, plan, make_spec(output_uri).model_fingerprint, False
+        at(output_uri), plan, make_spec(output_uri).model_fingerprint, False
     ).committed == {"u1"}
 
 
 def test_resume_on_an_empty_output_skips_nothing(output_uri):
-    assert check_resume(output_uri, [("u1", ["s1"])], "fp", False).committed == set()
+    assert check_resume(at(output_uri), [("u1", ["s1"])], "fp", False).committed == set()
 
 
 def test_resume_removes_staging_left_by_a_run_killed_after_its_commit(output_uri):
     commit_units(output_uri, {"u1": ["s1"]})
     write_staging_parts(unit_batch("u1", {"a": 1}), make_spec(output_uri, "late"))
     resume = check_resume(
-        output_uri, [("u1", ["s1"])], make_spec(output_uri).model_fingerprint, False
+        at(output_uri), [("u1", ["s1"])], make_spec(output_uri).model_fingerprint, False
     )
     assert resume.committed == {"u1"}
     assert stored(output_uri) == {"u1.parquet", ".ast-label/commits/u1.json"}
@@ -493,7 +479,7 @@ def test_resume_refuses_output_of_another_model(tmp_path):
     uri = str(tmp_path / "out")
     commit_units(uri, {"u1": ["s1"]}, weights_sha256="cd" * 32)
     with pytest.raises(OutputError) as caught:
-        check_resume(uri, [("u1", ["s1"])], make_spec(uri).model_fingerprint, False)
+        check_resume(at(uri), [("u1", ["s1"])], make_spec(uri).model_fingerprint, False)
     message = str(caught.value)
     assert "holds results from another model or settings" in message and "--overwrite" in message
     assert "\n" not in message and isinstance(caught.value, UserError)
@@ -504,90 +490,92 @@ def test_resume_refuses_a_plan_that_groups_committed_inputs_differently(tmp_path
     commit_units(uri, {"files-1": ["a.wav", "b.wav"]})
     fp = make_spec(uri).model_fingerprint
     with pytest.raises(OutputError, match="groups the inputs differently.*b.wav.*duplicated"):
-        check_resume(uri, [("files-2", ["b.wav", "c.wav"])], fp, False)
+        check_resume(at(uri), [("files-2", ["b.wav", "c.wav"])], fp, False)
     with pytest.raises(OutputError, match="groups the inputs differently"):
-        check_resume(uri, [("files-1", ["a.wav"])], fp, False)
+        check_resume(at(uri), [("files-1", ["a.wav"])], fp, False)
     # Inputs the output has not seen, in other units, can be added to it.
-    assert check_resume(uri, [("files-9", ["z.wav"])], fp, False).committed == set()
+    assert check_resume(at(uri), [("files-9", ["z.wav"])], fp, False).committed == set()
 
 
 def test_overwrite_deletes_every_ast_label_file_and_nothing_else(output_uri):
     commit_units(output_uri, {"u1": ["s1"]}, weights_sha256="cd" * 32)
     write_staging_parts(unit_batch("u2", {"a": 1}), make_spec(output_uri))
-    write_summary(output_uri, {"files": 1})
+    write_summary(at(output_uri), {"files": 1})
     fs, root = fsspec.core.url_to_fs(output_uri)
     fs.makedirs(f"{root}/other", exist_ok=True)  # a no-op on S3
     fs.pipe_file(f"{root}/README.txt", b"mine")
     fs.pipe_file(f"{root}/other/data.csv", b"x,y")
     fp = make_spec(output_uri).model_fingerprint
-    assert check_resume(output_uri, [("u1", ["s1"])], fp, overwrite=True).committed == set()
+    assert check_resume(at(output_uri), [("u1", ["s1"])], fp, overwrite=True).committed == set()
     assert stored(output_uri) == {"README.txt", "other/data.csv"}
-    assert read_commit_markers(output_uri) == {}
+    assert read_commit_markers(at(output_uri)) == {}
 
 
 def test_rerun_takes_markers_from_the_index_and_reads_only_newer_ones(tmp_path, monkeypatch):
     uri = str(tmp_path / "out")
     markers = commit_units(uri, {"u1": ["s1"], "u2": ["s2"]})
     time.sleep(0.05)
-    write_index(uri, [CommittedUnit.from_marker(m) for m in markers.values()])
+    write_index(at(uri), [CommittedUnit.from_marker(m) for m in markers.values()])
     time.sleep(0.05)
     newer = commit_units(uri, {"u3": ["s3"]})  # committed after the index was written
     commits = tmp_path / "out" / ".ast-label" / "commits"
     read: list[str] = []
-    real_read_all = output._read_all
+    real_read_files = output_index.read_files
     monkeypatch.setattr(
-        output, "_read_all", lambda fs, paths: read.extend(paths) or real_read_all(fs, paths)
+        output_index,
+        "read_files",
+        lambda fs, paths, what: read.extend(paths) or real_read_files(fs, paths, what),
     )
 
-    units = read_commit_markers(uri)
+    units = read_commit_markers(at(uri))
 
     assert units == {
         unit_id: CommittedUnit.from_marker(m) for unit_id, m in {**markers, **newer}.items()
     }
     assert read == [str(commits / "u3.json")]  # one GET, not three
     (commits / "u1.json").unlink()  # a marker gone is a unit gone, whatever the index says
-    assert set(read_commit_markers(uri)) == {"u2", "u3"}
+    assert set(read_commit_markers(at(uri))) == {"u2", "u3"}
 
 
 def test_a_corrupt_index_is_ignored_and_every_marker_read(tmp_path):
     uri = str(tmp_path / "out")
     markers = commit_units(uri, {"u1": ["s1"]})
     (tmp_path / "out" / ".ast-label" / "index.jsonl.gz").write_bytes(b"not gzip")
-    assert read_commit_markers(uri) == {"u1": CommittedUnit.from_marker(markers["u1"])}
+    assert read_commit_markers(at(uri)) == {"u1": CommittedUnit.from_marker(markers["u1"])}
 
 
 def test_summary_is_written_as_json(output_uri):
-    write_summary(output_uri, {"files": 3, "errors": 1})
+    write_summary(at(output_uri), {"files": 3, "errors": 1})
     fs, root = fsspec.core.url_to_fs(output_uri, skip_instance_cache=True)
     assert json.loads(fs.cat_file(f"{root}/.ast-label/summary.json")) == {"errors": 1, "files": 3}
 
 
-def test_tracker_hands_out_each_failure_once_in_order_with_its_first_reason():
-    tracker = CommitTracker()
-    tracker.fail("u", "first reason")
-    tracker.fail("v", "v's reason")
-    tracker.fail("u", "a later reason")  # never overwrites the first
-    assert tracker.new_failures() == [("u", "first reason"), ("v", "v's reason")]
-    tracker.fail("w", "w's reason")
-    tracker.fail("v", "again")
-    assert tracker.new_failures() == [("w", "w's reason")]
-    assert tracker.new_failures() == []
-    assert tracker.failed == {"u": "first reason", "v": "v's reason", "w": "w's reason"}
+def test_ledger_hands_out_each_failure_once_in_order_with_its_first_reason():
+    ledger = StagingLedger()
+    ledger.fail("u", "first reason")
+    ledger.fail("v", "v's reason")
+    ledger.fail("u", "a later reason")  # never overwrites the first
+    assert ledger.new_failures() == [("u", "first reason"), ("v", "v's reason")]
+    ledger.fail("w", "w's reason")
+    ledger.fail("v", "again")
+    assert ledger.new_failures() == [("w", "w's reason")]
+    assert ledger.new_failures() == []
+    assert ledger.failed == {"u": "first reason", "v": "v's reason", "w": "w's reason"}
 
 
 def test_markers_are_read_even_when_the_index_cannot_be_written(tmp_path, monkeypatch):
     uri = str(tmp_path / "out")
     markers = commit_units(uri, {"u1": ["s1"], "u2": ["s2"]})
-    monkeypatch.setattr(output, "INDEX_REFRESH_AFTER", 0)  # rewrite the index after any read
+    monkeypatch.setattr(output_index, "INDEX_REFRESH_AFTER", 0)  # rewrite the index after any read
 
     def failing_write_index(*args) -> None:
         raise StorageError("cannot write index: boom")
 
-    monkeypatch.setattr(output, "write_index", failing_write_index)
+    monkeypatch.setattr(output_index, "write_index", failing_write_index)
     expected = {unit_id: CommittedUnit.from_marker(m) for unit_id, m in markers.items()}
-    assert read_commit_markers(uri) == expected  # the index is a cache: a warning, no failure
+    assert read_commit_markers(at(uri)) == expected  # the index is a cache: a warning, no failure
     fp = make_spec(uri).model_fingerprint
-    assert check_resume(uri, [("u1", ["s1"])], fp, False).committed == {"u1"}
+    assert check_resume(at(uri), [("u1", ["s1"])], fp, False).committed == {"u1"}
 
 
 def test_resume_refuses_a_regrouped_unit_whose_marker_lists_no_sources(tmp_path):
@@ -595,14 +583,14 @@ def test_resume_refuses_a_regrouped_unit_whose_marker_lists_no_sources(tmp_path)
     commit_units(uri, {"files-1": []})
     fp = make_spec(uri).model_fingerprint
     with pytest.raises(OutputError, match="groups the inputs differently from this run, so"):
-        check_resume(uri, [("files-1", ["a.wav"])], fp, False)
+        check_resume(at(uri), [("files-1", ["a.wav"])], fp, False)
 
 
 def test_resume_and_overwrite_retry_a_failed_delete(output_uri, monkeypatch):
     monkeypatch.setenv("AST_LABEL_IO_DELAY_S", "0.01")
     commit_units(output_uri, {"u1": ["s1"]})
     write_staging_parts(unit_batch("u1", {"a": 1}), make_spec(output_uri, "late"))
-    real_remove, failed = output._remove, []
+    real_remove, failed = storage.delete_path_once, []
 
     def flaky_remove(fs, path: str) -> None:
         if path not in failed:  # each path's first delete fails, as in a store outage
@@ -610,9 +598,9 @@ def test_resume_and_overwrite_retry_a_failed_delete(output_uri, monkeypatch):
             raise OSError("503 Slow Down")
         real_remove(fs, path)
 
-    monkeypatch.setattr(output, "_remove", flaky_remove)
+    monkeypatch.setattr(storage, "delete_path_once", flaky_remove)
     fp = make_spec(output_uri).model_fingerprint
-    assert check_resume(output_uri, [("u1", ["s1"])], fp, False).committed == {"u1"}
+    assert check_resume(at(output_uri), [("u1", ["s1"])], fp, False).committed == {"u1"}
     assert stored(output_uri) == {"u1.parquet", ".ast-label/commits/u1.json"}
-    check_resume(output_uri, [("u1", ["s1"])], fp, True)
+    check_resume(at(output_uri), [("u1", ["s1"])], fp, True)
     assert stored(output_uri) == set()

@@ -27,9 +27,9 @@ from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
 from ast_model.labels import scores_from_logits
 from pipeline.audio import cut_windows, decode_audio
 from pipeline.errors import UserError
-from pipeline.options import LabelingOptions
-from pipeline.output import output_schema
-from pipeline.run import RunConfig, run_labeling
+from pipeline.labeling.run import run_labeling
+from pipeline.output.schema import output_schema
+from pipeline.settings import LabelingOptions, RunConfig
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ from conftest import TINY_LABELS
 from ast_model.checkpoint import load_checkpoint
 from ast_model.features import FbankConfig, compute_fbank
 from ast_model.labels import scores_from_logits
-from pipeline.cli import main
-from pipeline.options import LabelingOptions
-from pipeline.predict import PredictConfig, Predictor
+from pipeline.commands.cli import main
+from pipeline.commands.predict import PredictConfig, Predictor
+from pipeline.settings import LabelingOptions
 
 SCORE_TOLERANCE = 1e-5  # JSON keeps 6 decimals; fp32 batches of other sizes differ by ~1e-7
 

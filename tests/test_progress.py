@@ -3,7 +3,8 @@ log), and Ray quiet unless --verbose."""
 
 from __future__ import annotations
 
-from pipeline.progress import Progress, format_duration
+from pipeline.commands.progress import Progress, format_duration
+from pipeline.output.commit import CommittedUnit
 
 
 class Clock:
@@ -14,8 +15,8 @@ class Clock:
         return self.now
 
 
-def unit(files: int, errors: int = 0, seconds: float = 10.0) -> tuple[int, int, float]:
-    return files, errors, seconds * files
+def unit(files: int, errors: int = 0, seconds: float = 10.0) -> CommittedUnit:
+    return CommittedUnit("u", (), "", files, files, errors, seconds * files, {})
 
 
 def test_on_a_terminal_one_line_is_rewritten_in_place():
@@ -23,11 +24,11 @@ def test_on_a_terminal_one_line_is_rewritten_in_place():
     progress = Progress(4, written.append, live=True, clock=clock)
     for second in (1, 2, 3):
         clock.now = second
-        progress.unit_committed(*unit(50, errors=1))
+        progress.unit_committed(unit(50, errors=1))
     clock.now = 3.2  # too soon after the last redraw: nothing new
-    progress.tick()
+    progress.waiting()
     clock.now = 4
-    progress.unit_failed()
+    progress.unit_failed("u", "boom")
     progress.finish()
 
     text = "".join(written)
@@ -47,7 +48,7 @@ def test_in_a_log_a_line_every_interval_and_one_at_the_end():
     progress = Progress(100, written.append, live=False, interval_s=10, clock=clock)
     for index in range(100):
         clock.now = index * 0.5  # 50 s in all: one line at the start, then one per 10 s
-        progress.unit_committed(*unit(10))
+        progress.unit_committed(unit(10))
     progress.finish()
 
     assert all(line.endswith("\n") and "\r" not in line for line in written)

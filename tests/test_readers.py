@@ -15,14 +15,15 @@ import pytest
 from audio_corpus import encode, sine, tar_bytes
 from conftest import TINY_LABELS
 
-from pipeline.inspect import (
+from pipeline.commands.inspection import (
     duckdb_label_query,
     files_with_label,
     inspect_output,
 )
-from pipeline.options import LabelingOptions
-from pipeline.output import output_schema
-from pipeline.run import RunConfig, RunSummary, run_labeling
+from pipeline.labeling.run import run_labeling
+from pipeline.labeling.summary import RunSummary
+from pipeline.output.schema import output_schema
+from pipeline.settings import LabelingOptions, RunConfig
 
 COLUMNS = output_schema(1, 1).names  # pinned in test_output.py
 SCORE_TOLERANCE = 1e-5  # as test_predict.py: JSON keeps 6 decimals; fp32 differs by ~1e-7
@@ -185,7 +186,7 @@ def chirp_clip(tmp_path) -> tuple[Path, np.ndarray]:
     the file and the samples as the decoder reads them back."""
     import soundfile as sf
 
-    from pipeline.synthetic import generate_clip
+    from pipeline.commands.synthetic import generate_clip
 
     clip = generate_clip("Chirp tone", np.random.default_rng(7), 16_000, 6.0)
     path = tmp_path / "chirp.wav"
@@ -198,8 +199,8 @@ def test_bundled_model_labels_a_clip_in_transformers_pipeline_as_predict_does(ch
     from click.testing import CliRunner
     from transformers import pipeline
 
-    from ast_model.checkpoint import BUNDLED_MODEL_DIR
-    from pipeline.cli import main
+    from ast_model.checkpoint_files import BUNDLED_MODEL_DIR
+    from pipeline.commands.cli import main
 
     path, samples = chirp_clip
     classify = pipeline("audio-classification", model=str(BUNDLED_MODEL_DIR), device="cpu")

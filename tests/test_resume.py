@@ -13,8 +13,8 @@ import pyarrow.dataset as pads
 import pytest
 from audio_corpus import encode, sine, tar_bytes
 
-from pipeline.options import LabelingOptions
-from pipeline.run import RunConfig, run_labeling
+from pipeline.labeling.run import run_labeling
+from pipeline.settings import LabelingOptions, RunConfig
 
 pytestmark = pytest.mark.slow
 

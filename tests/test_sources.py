@@ -26,17 +26,11 @@ from audio_corpus import (
     write_tar_shard,
 )
 
-from pipeline import sources
 from pipeline.audio import AudioError, decode_audio
-from pipeline.sources import (
-    InputError,
-    Member,
-    WorkUnit,
-    expand_braces,
-    plan_work_units,
-    read_unit_members,
-    split_key,
-)
+from pipeline.labeling import members
+from pipeline.labeling.inputs import InputError, expand_braces
+from pipeline.labeling.members import Member, read_unit_members, split_key
+from pipeline.labeling.plan import WorkUnit, plan_work_units
 from pipeline.storage import S3_CLIENT_ATTEMPTS, StorageError, filesystem_for, is_local, join_uri
 
 LIMIT = BAD_CORPUS_MAX_MEMBER_BYTES
@@ -558,7 +552,7 @@ def test_a_storage_error_ends_a_files_unit_without_waiting_for_reads_in_flight(m
         released.wait(10)  # a read stuck retrying in an outage
         return Member(key=uri, audio=b"", audio_format="wav")
 
-    monkeypatch.setattr(sources, "_read_file", fake_read_file)
+    monkeypatch.setattr(members, "_read_file", fake_read_file)
     started = time.monotonic()
     try:
         with pytest.raises(StorageError, match="boom"):

@@ -10,22 +10,20 @@ import torch
 from audio_corpus import encode, sine, tar_bytes
 
 from ast_model.checkpoint import load_checkpoint
-from ast_model.features import FbankConfig, compute_fbank, pad_waveforms
+from ast_model.config import FbankConfig
+from ast_model.features import compute_fbank, pad_waveforms
 from ast_model.labels import scores_from_logits
 from pipeline import rows as R
 from pipeline.audio import cut_windows, decode_audio
-from pipeline.output import CommitTracker, OutputSpec, commit_unit
-from pipeline.sources import WorkUnit, tar_unit_id
-from pipeline.stages import (
-    Classify,
-    ClassifyAndStage,
-    FeatureSettings,
-    ReadSettings,
-    WindowFeatures,
-    fbank_to_numpy,
-    fbank_to_torch,
-    feature_dtype,
-)
+from pipeline.labeling.classify import Classify, ClassifyAndStage
+from pipeline.labeling.plan import WorkUnit, tar_unit_id
+from pipeline.labeling.read import ReadStage
+from pipeline.labeling.transport import fbank_to_numpy, fbank_to_torch
+from pipeline.output.commit import StagingLedger, commit_unit
+from pipeline.output.layout import OutputLocation
+from pipeline.output.schema import OutputSpec
+from pipeline.output.staging import RECORD_COLUMNS
+from pipeline.settings import ClassifierSettings, FeatureSettings, ReadSettings, feature_dtype
 
 READ = ReadSettings(window_s=10.24, hop_s=10.24, max_duration_s=60.0, max_member_bytes=1 << 22)
 CONFIG = FbankConfig()
@@ -54,7 +52,7 @@ def concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def test_read_stage_emits_window_rows_with_fbank_and_the_units_total_on_its_last_row(shard_unit):
     unit, audio = shard_unit
-    batches = list(WindowFeatures(READ, FeatureSettings(CONFIG, "float32", 4)).batches([unit]))
+    batches = list(ReadStage(READ, FeatureSettings(CONFIG, "float32", 4)).batches([unit]))
 
     assert [len(b[R.KEY]) for b in batches] == [4, 2]  # batch_rows at a time, across files
     batch = concat(batches)
@@ -84,7 +82,7 @@ def test_a_units_rows_may_share_batches_with_the_next_units(tmp_path):
         path = tmp_path / f"s{index}.tar"
         path.write_bytes(tar_bytes([(f"k{index}.wav", encode(sine(1.0), 16_000, "wav"))]))
         units.append(WorkUnit(tar_unit_id(str(path)), "tar", (str(path),)))
-    batches = list(WindowFeatures(READ, FeatureSettings(CONFIG, "float32", 2)).batches(units))
+    batches = list(ReadStage(READ, FeatureSettings(CONFIG, "float32", 2)).batches(units))
     batch = concat(batches)
     assert [len(b[R.KEY]) for b in batches] == [2, 1]
     assert list(batch[R.UNIT_ROWS]) == [1, 1, 1]  # each one-row unit carries its own total
@@ -92,7 +90,7 @@ def test_a_units_rows_may_share_batches_with_the_next_units(tmp_path):
 
 def test_a_storage_failure_ends_the_unit_with_a_failure_row_not_an_error_row(tmp_path):
     missing = WorkUnit("gone", "tar", (str(tmp_path / "gone.tar"),))
-    (batch,) = WindowFeatures(READ, FeatureSettings(CONFIG, "float32", 4)).batches([missing])
+    (batch,) = ReadStage(READ, FeatureSettings(CONFIG, "float32", 4)).batches([missing])
     assert list(batch[R.ERROR]) == [""]
     assert "gone.tar: not found" in batch[R.UNIT_FAILURE][0]
     assert list(batch[R.UNIT_ROWS]) == [1]
@@ -119,10 +117,10 @@ def test_classify_gives_the_models_numbers_and_zeros_on_rows_without_audio(
 ):
     unit, _ = shard_unit
     loaded = load_checkpoint(str(tiny_hf_checkpoint))
-    batch = concat(list(WindowFeatures(READ, FeatureSettings(CONFIG)).batches([unit])))
+    batch = concat(list(ReadStage(READ, FeatureSettings(CONFIG)).batches([unit])))
     fbank = batch[R.FBANK].copy()
 
-    out = Classify(loaded, "cpu", "fp32", top_k=3)(batch)
+    out = Classify(loaded, ClassifierSettings("cpu", "fp32", top_k=3))(batch)
 
     assert R.FBANK not in out
     labeled = R.labeled_rows(out)
@@ -144,8 +142,8 @@ def test_bf16_features_give_exactly_what_autocast_gives_on_fp32_features(
     unit, _ = shard_unit
     loaded = load_checkpoint(str(tiny_hf_checkpoint))
     settings = [FeatureSettings(CONFIG, dtype) for dtype in ("float32", "bfloat16")]
-    fp32, bf16 = (concat(list(WindowFeatures(READ, s).batches([unit]))) for s in settings)
-    classify = Classify(loaded, "cpu", "bf16", top_k=3)
+    fp32, bf16 = (concat(list(ReadStage(READ, s).batches([unit]))) for s in settings)
+    classify = Classify(loaded, ClassifierSettings("cpu", "bf16", top_k=3))
     np.testing.assert_array_equal(classify(bf16)[R.SCORES], classify(fp32)[R.SCORES])
 
 
@@ -155,21 +153,21 @@ def test_classifier_stage_and_commit_turn_read_batches_into_one_sorted_file(
     unit, _ = shard_unit
     loaded = load_checkpoint(str(tiny_hf_checkpoint))
     spec = OutputSpec(
-        str(tmp_path / "out"),
+        OutputLocation.of(str(tmp_path / "out")),
         "run1",
         loaded.config.hidden_size,
         loaded.config.num_labels,
         {"label_names": list(loaded.config.id2label)},
     )
-    stage = ClassifyAndStage(spec, loaded, "cpu", "fp32", 2)  # what the Ray actors run
-    tracker = CommitTracker()
+    stage = ClassifyAndStage(loaded, ClassifierSettings("cpu", "fp32", 2), spec)  # in each actor
+    ledger = StagingLedger()
     completed = []
-    for batch in WindowFeatures(READ, FeatureSettings(CONFIG, "float32", 4)).batches([unit]):
+    for batch in ReadStage(READ, FeatureSettings(CONFIG, "float32", 4)).batches([unit]):
         records = stage(batch)
-        assert set(records) == {"unit_id", "part_uri", "rows", "unit_rows", "unit_failure"}
-        completed += tracker.add(records)
+        assert set(records) == set(RECORD_COLUMNS)
+        completed += ledger.add(records)
     (done,) = completed
-    marker = commit_unit(spec, done.unit_id, unit.sources, done.part_uris, done.rows)
+    marker = commit_unit(spec, done, unit.sources)
 
     table = pq.read_table(tmp_path / "out" / f"{unit.unit_id}.parquet")
     assert (marker["files"], marker["windows"], marker["errors"]) == (4, 5, 1)
@@ -183,18 +181,18 @@ def test_classifier_stage_and_commit_turn_read_batches_into_one_sorted_file(
 def test_a_unit_that_yields_no_files_fails_without_touching_the_previous_units_count(
     tmp_path, monkeypatch
 ):
-    import pipeline.stages
+    import pipeline.labeling.read
 
     path = tmp_path / "s0.tar"
     path.write_bytes(tar_bytes([("k.wav", encode(sine(1.0), 16_000, "wav"))]))
     units = [WorkUnit(tar_unit_id(str(path)), "tar", (str(path),)), WorkUnit("empty", "files", ())]
-    read_members = pipeline.stages.read_unit_members
+    read_members = pipeline.labeling.read.read_unit_members
     monkeypatch.setattr(
-        pipeline.stages,
+        pipeline.labeling.read,
         "read_unit_members",
         lambda unit, limit: iter(()) if unit.unit_id == "empty" else read_members(unit, limit),
     )
-    batch = concat(list(WindowFeatures(READ, FeatureSettings(CONFIG, "float32", 4)).batches(units)))
+    batch = concat(list(ReadStage(READ, FeatureSettings(CONFIG, "float32", 4)).batches(units)))
     assert list(batch[R.UNIT_ID]) == [units[0].unit_id, "empty"]
     assert list(batch[R.UNIT_ROWS]) == [1, 1]  # each unit carries its own count
     assert list(batch[R.UNIT_FAILURE]) == ["", "the unit yielded no files"]

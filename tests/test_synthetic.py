@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.synthetic import CLASS_NAMES, LabeledClip, generate_clip, iter_dataset
+from pipeline.commands.synthetic import CLASS_NAMES, LabeledClip, generate_clip, iter_dataset
 
 SR = 16000
 CLIPS_PER_CHECK = 6  # per class and property: enough to meet the random parameter ranges' ends

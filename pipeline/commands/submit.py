@@ -1,5 +1,5 @@
 """Running ast-label's jobs on a Ray cluster through its Jobs API: what `ast-label submit`,
-`status` and `stop` (pipeline.cli) call. Failures are typed (pipeline.errors), never click's.
+`status` and `stop` (cli.py) call. Failures are typed (pipeline.errors), never click's.
 
 The job's code travels as the runtime_env working_dir (this project directory, without the venv,
 git history, caches and big files), so what runs is the code the user has checked out; the cluster
@@ -119,7 +119,7 @@ def job_entrypoint(job_args: Sequence[str]) -> str:
 
 def default_working_dir() -> Path:
     """The ast-label source checkout this module was imported from."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # pipeline/commands/submit.py
     if not (root / "pyproject.toml").is_file():
         raise CommandError(
             f"{root} is not an ast-label source checkout: pass --working-dir pointing at one"

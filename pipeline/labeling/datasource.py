@@ -1,22 +1,23 @@
-"""Work units as a Ray Data source: each read task runs `WindowFeatures` over a slice of units.
+"""Work units as a Ray Data source: each read task runs the read stage over a slice of the plan.
 
 Why not `ray.data.from_items(units)`: the driver puts every block (and every read task) in the
 object store one by one before the first read starts; one block per unit took 37 s for 20,000
 units. Here the read tasks are few, each holding a contiguous slice of the plan, and a read task
-streams its units' batches as it goes.
+streams its units' batches as it goes. `run` and `norm-stats` both read through it.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from ray.data.block import Block, BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import WorkUnit
-from pipeline.stages import FeatureSettings, ReadSettings, WindowFeatures
+from pipeline import rows
+from pipeline.labeling.plan import WorkUnit
+from pipeline.settings import FeatureSettings, ReadSettings
 
 # Read tasks per CPU of the cluster: enough that the last tasks of a run are short, few enough
 # that the driver's cost per task (one object-store put each) stays small at 100k units.
@@ -24,16 +25,26 @@ READ_TASKS_PER_CPU = 4
 # ...and at most this many units in one read task: a task retried after a lost node redoes them.
 MAX_UNITS_PER_READ_TASK = 100
 
+# What a read task does with each batch of the read stage before it leaves the task: nothing
+# (the classifier takes it), or a reduction (norm-stats keeps a few sums, never the fbank).
+BatchReduction = Callable[[rows.Batch], dict[str, np.ndarray]]
+
 
 def read_task_count(units: int, cpus: int) -> int:
     return min(units, max(READ_TASKS_PER_CPU * cpus, -(-units // MAX_UNITS_PER_READ_TASK)))
 
 
 def read_units(
-    units: tuple[WorkUnit, ...], read: ReadSettings, features: FeatureSettings
+    units: tuple[WorkUnit, ...],
+    read: ReadSettings,
+    features: FeatureSettings,
+    reduce: BatchReduction | None,
 ) -> Iterator[Block]:
-    for batch in WindowFeatures(read, features).batches(units):
-        yield BlockAccessor.batch_to_block(batch)
+    # Imported here, in the read task's process: the read stage loads torch, the driver never.
+    from pipeline.labeling.read import ReadStage
+
+    for batch in ReadStage(read, features).batches(units):
+        yield BlockAccessor.batch_to_block(reduce(batch) if reduce else batch)
 
 
 class WorkUnitSource(Datasource):
@@ -43,12 +54,14 @@ class WorkUnitSource(Datasource):
         read: ReadSettings,
         features: FeatureSettings,
         cpus: int,
+        reduce: BatchReduction | None = None,
     ):
         super().__init__()
         self.units = tuple(units)
         self.read = read
         self.features = features
         self.cpus = cpus
+        self.reduce = reduce
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -64,7 +77,9 @@ class WorkUnitSource(Datasource):
         metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
         return [
             ReadTask(
-                functools.partial(read_units, self.units[start:stop], self.read, self.features),
+                functools.partial(
+                    read_units, self.units[start:stop], self.read, self.features, self.reduce
+                ),
                 metadata,
             )
             for start, stop in zip(bounds[:-1], bounds[1:], strict=True)

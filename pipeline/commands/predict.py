@@ -1,9 +1,9 @@
 """`ast-label predict`: the labeling of `ast-label run`, in this process and without Ray.
 
-The inputs are planned into the run's work units (pipeline.sources), and the run's own stages
-(pipeline.stages: `WindowFeatures`, then `Classify`) turn them into window rows with scores, so
-the files, windows and numbers are a run's. Instead of Parquet, each file comes back as one
-`FileLabels`, in plan order: its windows, or the reason it could not be labeled.
+The inputs are planned into the run's work units (pipeline.labeling.plan), and the run's own
+stages (`ReadStage`, then `Classify`) turn them into window rows with scores, so the files,
+windows and numbers are a run's. Instead of Parquet, each file comes back as one `FileLabels`, in
+plan order: its windows, or the reason it could not be labeled.
 """
 
 from __future__ import annotations
@@ -14,18 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ast_model.checkpoint import load_checkpoint
-from pipeline import rows as R
+from ast_model.labels import top_label_ids
+from pipeline import rows
 from pipeline.errors import UserError
-from pipeline.options import LabelingOptions
-from pipeline.sources import Plan, WorkUnit, plan_work_units
-from pipeline.stages import (
-    Classify,
-    FeatureSettings,
-    WindowFeatures,
-    feature_dtype,
-    resolve_device,
-    top_label_ids,
-)
+from pipeline.labeling.classify import Classify, resolve_device
+from pipeline.labeling.plan import Plan, WorkUnit, plan_work_units
+from pipeline.labeling.read import ReadStage
+from pipeline.settings import ClassifierSettings, LabelingOptions
 
 # JSON scores keep 6 decimals: far below any difference that matters, and lines stay short.
 SCORE_DECIMALS = 6
@@ -79,17 +74,12 @@ class Predictor:
             raise UserError("give at least one INPUT or --manifest")
         options.check()
         self.loaded = load_checkpoint(options.model)
-        fbank_config = options.fbank_config(self.loaded)
+        fbank = options.fbank_config(self.loaded.config)
         use_gpu = resolve_device(options.device).type == "cuda"
-        self.features = WindowFeatures(
-            options.read_settings(fbank_config),
-            FeatureSettings(
-                fbank_config,
-                feature_dtype(options.precision, use_gpu),
-                options.batch_rows(use_gpu),
-            ),
-        )
-        self.classify = Classify(self.loaded, options.device, options.precision, options.top_k)
+        features = options.feature_settings(fbank, use_gpu)
+        self.read = ReadStage(options.read_settings(fbank), features)
+        classifier = ClassifierSettings(options.device, options.precision, options.top_k)
+        self.classify = Classify(self.loaded, classifier)
         self.label_names: tuple[str, ...] = tuple(self.loaded.config.id2label)
 
     def plan(self) -> Plan:
@@ -102,15 +92,15 @@ class Predictor:
         by_id = {unit.unit_id: unit for unit in units}
         current: _FileRows | None = None
         yielded: set[tuple[str, str]] = set()  # (unit id, key)
-        for batch in self.features.batches(units):
+        for batch in self.read.batches(units):
             batch = self.classify(batch)
-            for row in range(len(batch[R.KEY])):
+            for row in range(len(batch[rows.KEY])):
                 if current is not None and not current.continues(batch, row):
                     yielded.add((current.unit_id, current.key))
                     yield current.finish()
                     current = None
-                unit = by_id[str(batch[R.UNIT_ID][row])]
-                if failure := str(batch[R.UNIT_FAILURE][row]):
+                unit = by_id[str(batch[rows.UNIT_ID][row])]
+                if failure := str(batch[rows.UNIT_FAILURE][row]):
                     # The store failed (after the retries) part-way through the unit: what was
                     # not read yet ends as errors saying why.
                     yield from _unread_files(unit, yielded, failure)
@@ -182,29 +172,29 @@ class _FileRows:
 
     def __init__(self, unit: WorkUnit, batch: Mapping[str, np.ndarray], row: int):
         self.unit_id = unit.unit_id
-        self.key = str(batch[R.KEY][row])
+        self.key = str(batch[rows.KEY][row])
         self.shard = unit.sources[0] if unit.kind == "tar" else None
-        self.duration_s = float(batch[R.DURATION_S][row])
-        self.error = str(batch[R.ERROR][row]) or None
+        self.duration_s = float(batch[rows.DURATION_S][row])
+        self.error = str(batch[rows.ERROR][row]) or None
         self.windows: list[WindowLabels] = []
 
     def continues(self, batch: Mapping[str, np.ndarray], row: int) -> bool:
         """Whether the row is a further window of this file: every file starts at window 0."""
         return (
-            int(batch[R.WINDOW_INDEX][row]) > 0
-            and str(batch[R.UNIT_ID][row]) == self.unit_id
-            and str(batch[R.KEY][row]) == self.key
+            int(batch[rows.WINDOW_INDEX][row]) > 0
+            and str(batch[rows.UNIT_ID][row]) == self.unit_id
+            and str(batch[rows.KEY][row]) == self.key
         )
 
     def add(self, batch: Mapping[str, np.ndarray], row: int) -> None:
         if self.error is None:
             self.windows.append(
                 WindowLabels(
-                    index=int(batch[R.WINDOW_INDEX][row]),
-                    start_s=float(batch[R.START_S][row]),
-                    end_s=float(batch[R.END_S][row]),
-                    scores=batch[R.SCORES][row].copy(),
-                    embedding=batch[R.EMBEDDING][row].copy(),
+                    index=int(batch[rows.WINDOW_INDEX][row]),
+                    start_s=float(batch[rows.START_S][row]),
+                    end_s=float(batch[rows.END_S][row]),
+                    scores=batch[rows.SCORES][row].copy(),
+                    embedding=batch[rows.EMBEDDING][row].copy(),
                 )
             )
 

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ast_model.config import FbankConfig
+
 SAMPLE_RATE = 16000
 MIN_DURATION_S = 1.0
-MAX_DURATION_S = 10.24  # one AST window (1024 fbank frames)
+MAX_DURATION_S = FbankConfig().input_seconds  # one AST window (1024 fbank frames, 10.24 s)
 
 # Every signal stays below this, so resampling 44.1 kHz clips to 16 kHz keeps the whole class cue.
 _MAX_TONE_HZ = 7000.0

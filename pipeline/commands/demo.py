@@ -1,6 +1,6 @@
 """`ast-label demo`: a synthetic WebDataset corpus, labelled by the real pipeline, then summarised.
 
-It needs nothing but this package: the corpus comes from pipeline.synthetic, the model is the
+It needs nothing but this package: the corpus comes from synthetic.py, the model is the
 bundled default (ast_model/default, trained on the same kinds of sound), and Ray runs on this
 machine (a Ray of its own: RAY_ADDRESS is not read, so a demo never lands on a cluster).
 The corpus has what real corpora have: several shards, long files (several windows), stereo
@@ -25,10 +25,11 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from ast_model.config import DEFAULT_MODEL
-from pipeline.synthetic import CLASS_NAMES, MAX_DURATION_S, MIN_DURATION_S, generate_clip
+from pipeline.commands.synthetic import CLASS_NAMES, MAX_DURATION_S, MIN_DURATION_S, generate_clip
+from pipeline.output.layout import METADATA_KEY
 
 if TYPE_CHECKING:  # pipeline.run pulls in Ray Data; writing a corpus or a report does not need it
-    from pipeline.run import RunSummary
+    from pipeline.labeling.summary import RunSummary
 
 NUM_SHARDS = 4
 CLIPS_PER_SHARD = 50
@@ -42,7 +43,6 @@ SOURCE_FORMATS = ((16000, 1, 0.6), (44100, 2, 0.25), (22050, 1, 0.15))
 ENCODINGS = (("wav", "PCM_16"), ("wav", "PCM_24"), ("flac", "PCM_16"), ("flac", "PCM_24"))
 # A fixed mtime keeps tar bytes reproducible.
 TAR_MTIME = 1_700_000_000
-METADATA_KEY = b"ast_label"
 MAX_MISSES_SHOWN = 10
 
 
@@ -314,8 +314,8 @@ def run_demo(
 ) -> DemoReport:
     """Writes the corpus to output_dir/corpus, labels it into output_dir/labels with the real
     pipeline on a Ray of this machine's own (whatever RAY_ADDRESS says), and prints the summary."""
-    from pipeline.options import LabelingOptions
-    from pipeline.run import RunConfig, run_labeling
+    from pipeline.labeling.run import run_labeling
+    from pipeline.settings import LabelingOptions, RunConfig
 
     output_dir = Path(output_dir).resolve()
     echo(f"Writing a synthetic corpus to {output_dir / 'corpus'} ...")

@@ -1,4 +1,4 @@
-"""ast-label's own progress line: units and files done, files/s, audio-hours/s, errors, ETA.
+"""`ast-label run`'s own progress line: units and files done, files/s, audio-hours/s, errors, ETA.
 
 On a terminal it is one line rewritten in place; piped to a file or a log, it is a new line every
 `interval_s` seconds (and at the end), never a wall of repeated bars.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+from pipeline.output.commit import CommittedUnit
 
 
 class Progress:
@@ -33,18 +35,18 @@ class Progress:
         self.audio_s = 0.0
         self._width = 0
 
-    def unit_committed(self, files: int, errors: int, audio_seconds: float) -> None:
+    def unit_committed(self, unit: CommittedUnit) -> None:
         self.units += 1
-        self.files += files
-        self.errors += errors
-        self.audio_s += audio_seconds
+        self.files += unit.files
+        self.errors += unit.errors
+        self.audio_s += unit.audio_seconds
         self._maybe_show()
 
-    def unit_failed(self) -> None:
+    def unit_failed(self, unit_id: str, reason: str) -> None:
         self.failed += 1
         self._maybe_show()
 
-    def tick(self) -> None:
+    def waiting(self) -> None:
         """Called while waiting: keeps the rate and ETA fresh between commits."""
         self._maybe_show()
 

@@ -23,14 +23,14 @@ from pipeline.errors import Interrupted, RunIncomplete, UserError, WorkFailed
 # `status` and `--help` answer in a fraction of a second.
 
 # (exit status, error types, what it means): the one mapping, also printed by `ast-label --help`.
-# Types given as "module:Name" are named, not imported: ast_model.checkpoint loads torch, and an
+# Types given as "module:Name" are named, not imported: pipeline.storage loads fsspec, and an
 # error of a module that was never imported cannot have been raised.
 EXIT_STATUSES: tuple[tuple[int, tuple[type[Exception] | str, ...], str], ...] = (
     (0, (), "done"),
     (1, (WorkFailed,), "part of the work failed: files predict could not label, a failed job"),
     (
         2,
-        (UserError, "ast_model.checkpoint:CheckpointError"),
+        (UserError, "ast_model.checkpoint_files:CheckpointError"),
         'a problem to fix (option, input, output, model, cluster): one line "Error: ..."',
     ),
     (
@@ -202,8 +202,8 @@ def predict_command(inputs, windows, as_json, scores, embedding, **options) -> N
     A file's labels are the top of the mean of its windows' scores."""
     if (scores or embedding) and not as_json:
         raise UserError("--scores and --embedding go with --json")
-    from pipeline.options import LabelingOptions
-    from pipeline.predict import PredictConfig, Predictor, text_line
+    from pipeline.commands.predict import PredictConfig, Predictor, text_line
+    from pipeline.settings import LabelingOptions
 
     labeling = LabelingOptions.take(options)
     predictor = Predictor(PredictConfig(tuple(inputs), options.pop("manifest"), labeling))
@@ -241,9 +241,10 @@ def predict_command(inputs, windows, as_json, scores, embedding, **options) -> N
 def run_command(inputs, **options) -> None:
     """Label INPUTS (tar shards, audio files, folders, globs, brace ranges, s3:// URIs) into
     Parquet under --output, exactly once per file; rerun the same command to resume."""
-    from pipeline.options import LabelingOptions
-    from pipeline.progress import Progress
-    from pipeline.run import RunConfig, format_summary, run_labeling
+    from pipeline.commands.progress import Progress
+    from pipeline.labeling.run import run_labeling
+    from pipeline.labeling.summary import format_summary
+    from pipeline.settings import LabelingOptions, RunConfig
 
     live = sys.stderr.isatty()
 
@@ -276,7 +277,7 @@ def run_command(inputs, **options) -> None:
 def demo_command(output: Path, model: str) -> None:
     """Generate a small synthetic corpus, label it with the real pipeline on a Ray of this machine,
     and show what came out."""
-    from pipeline.demo import run_demo
+    from pipeline.commands.demo import run_demo
 
     report = run_demo(output, model=model, echo=click.echo)
     if not report.summary.complete:
@@ -299,15 +300,10 @@ def demo_command(output: Path, model: str) -> None:
 def norm_stats_command(inputs, output, manifest, files_per_unit, max_duration_s, address) -> None:
     """Measure the fbank mean and std of INPUTS (as `run` takes them) into a JSON file for
     `ast-label run --norm-stats`."""
-    from pipeline.norm_stats import ReadLimits, compute_norm_stats
+    from pipeline.commands.norm_stats import compute_norm_stats
 
     stats = compute_norm_stats(
-        inputs,
-        manifest,
-        files_per_unit,
-        ReadLimits(max_duration_s=max_duration_s),
-        address,
-        echo=_note,
+        inputs, manifest, files_per_unit, max_duration_s, address, echo=_note
     )
     stats.save(output)
     click.echo(
@@ -317,8 +313,6 @@ def norm_stats_command(inputs, output, manifest, files_per_unit, max_duration_s,
 
 
 # --- inspect -------------------------------------------------------------------------------------
-# `ast-label inspect` (reading an output; the library part lives in pipeline/inspect.py) is
-# registered here, as one `@main.command("inspect")` function like the ones above.
 
 
 @main.command("inspect")
@@ -350,10 +344,11 @@ def inspect_command(
     output: str, label: str | None, min_score: float, top: int, plot: Path | None, as_json: bool
 ) -> None:
     """Counts, label distribution and label queries of an output folder or URI (s3://...)."""
-    from pipeline.inspect import TIMELINE_FILES, format_inspection, inspect_output, inspection_json
+    from pipeline.commands.inspect_report import format_inspection, inspection_json
+    from pipeline.commands.inspection import TIMELINE_FILES, inspect_output
 
     if plot is not None:
-        from pipeline.plots import check_plot_path
+        from pipeline.commands.plots import check_plot_path
 
         check_plot_path(plot)  # before reading the whole output
     inspection = inspect_output(
@@ -364,12 +359,12 @@ def inspect_command(
     else:
         click.echo(format_inspection(inspection, top))
     if plot is not None:
-        from pipeline.plots import write_plot
+        from pipeline.commands.plots import write_plot
 
         _note(f"wrote {write_plot(inspection, plot, top)}")
 
 
-# --- a Ray cluster's Jobs API (pipeline.submit) ---------------------------------------------------
+# --- a Ray cluster's Jobs API (submit.py) ------------------------------------------------------
 
 _ADDRESS_OPTION = click.option(
     "--address",
@@ -401,7 +396,7 @@ def submit_command(
     The job is `run` or `norm-stats` with the same arguments as the local command. Follows the
     job's logs until it ends; exits 0 only when it SUCCEEDED.
     """
-    from pipeline.submit import follow_job, submit_job
+    from pipeline.commands.submit import follow_job, submit_job
 
     client, job_id = submit_job(address, job_args, working_dir, echo=_note)
     if no_wait:
@@ -428,7 +423,7 @@ def status_command(address: str, job_id: str) -> None:
     """Print a submitted job's status (and why it ended, when it did not succeed)."""
     from ray.job_submission import JobStatus
 
-    from pipeline.submit import job_details, job_reason
+    from pipeline.commands.submit import job_details, job_reason
 
     details = job_details(address, job_id)
     click.echo(f"{job_id} {details.status}")
@@ -442,6 +437,6 @@ def status_command(address: str, job_id: str) -> None:
 @click.argument("job_id")
 def stop_command(address: str, job_id: str) -> None:
     """Stop a submitted job and wait (up to a minute) until Ray reports it ended."""
-    from pipeline.submit import stop_job
+    from pipeline.commands.submit import stop_job
 
     click.echo(f"{job_id} {stop_job(address, job_id)}")

@@ -16,16 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.commands.inspect_report import clock, file_name, inspection_json, spans_text
+from pipeline.commands.inspection import Inspection, Timeline
 from pipeline.defaults import INSPECT_TOP
 from pipeline.errors import UserError
-from pipeline.inspect import (
-    Inspection,
-    Timeline,
-    clock,
-    file_name,
-    inspection_json,
-    spans_text,
-)
 
 IMAGE_FORMATS = (".png", ".svg", ".pdf")
 REPORT_FORMATS = (".html",)
