@@ -35,6 +35,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +255,17 @@ def _process_title(proc: Path) -> str:
     return program
 
 
+def ast_label_command(code: Path | None = None) -> list[str]:
+    """The `ast-label` command of this checkout, or of an earlier one at `code` (run with it as
+    PYTHONPATH and working directory), whose command line may live in another module: its own
+    pyproject.toml names it."""
+    if code is None:
+        return [str(Path(sys.executable).with_name("ast-label"))]
+    scripts = tomllib.loads((Path(code) / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["ast-label"].split(":")
+    return [sys.executable, "-c", f"from {module} import {function}; {function}()"]
+
+
 def run_ast_label(
     corpus: Path,
     output: Path,
@@ -266,7 +278,7 @@ def run_ast_label(
     """`ast-label run` in a fresh process; with `code`, the ast-label of that checkout (an
     earlier commit, for a before/after in one invocation) instead of this one."""
     command = [
-        str(Path(sys.executable).with_name("ast-label")),
+        *ast_label_command(code),
         "run",
         str(corpus),
         "--output",

@@ -3,6 +3,7 @@ nothing to do.
 
     .venv/bin/python benchmarks/bench_scale.py                 # 100,000 shards
     .venv/bin/python benchmarks/bench_scale.py --shards 20000
+    .venv/bin/python benchmarks/bench_scale.py --before /tmp/before  # and an earlier checkout's
 
 The shards are empty files (the point is the driver, not the audio). Reported:
 - plan: `plan_work_units` on a brace range naming every shard, and on a glob, in this process;
@@ -85,11 +86,18 @@ class Watch:
         return False
 
 
-def time_to_first_read(pattern: str, output: Path, model: Path) -> tuple[float, int]:
-    command = [ast_label, "run", pattern, "--output", str(output), "--model", str(model)]
+def time_to_first_read(
+    pattern: str, output: Path, model: Path, code: Path | None = None
+) -> tuple[float, int]:
+    """Seconds from the start of `ast-label run` (this checkout's, or the one at `code`) to its
+    first read task, and the driver's peak RSS until then."""
+    from bench_pipeline import ast_label_command
+
+    command = [*ast_label_command(code), "run", pattern, "--output", str(output)]
     process = subprocess.Popen(
-        command,
-        env=ENV,
+        [*command, "--model", str(model)],
+        env={**ENV, **({"PYTHONPATH": str(code)} if code else {})},
+        cwd=code,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -151,6 +159,12 @@ def time_rerun(pattern: str, output: Path, model: Path) -> tuple[float, int, str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=int, default=100_000)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="A checkout of an earlier ast-label (git worktree add /tmp/before REV): its start to "
+        "the first read and driver memory are measured too, in this invocation.",
+    )
     args = parser.parse_args()
     from bench_pipeline import write_checkpoint
 
@@ -168,6 +182,8 @@ def main() -> None:
         assert len(units) == args.shards
 
         first_read, first_rss = time_to_first_read(pattern, root / "out-first", model)
+        if args.before:
+            before = time_to_first_read(pattern, root / "out-before", model, args.before)
         finished_output(pattern, root / "shards", args.shards, root / "done", model)
         rerun, rerun_rss, said = time_rerun(pattern, root / "done", model)
         (root / "done" / INDEX_NAME).unlink()
@@ -187,6 +203,11 @@ def main() -> None:
             f"then the index rewritten; {cold_rss / gib:.2f} GiB), {rerun_again:.1f} s the "
             "time after"
         )
+        if args.before:
+            print(
+                f"before ({args.before}): start -> first read task running: {before[0]:.1f} s; "
+                f"driver peak RSS {before[1] / gib:.2f} GiB"
+            )
         print(f"  it said: {said}")
         assert "0 to label" in said and "0 to label" in said_cold, (said, said_cold)
         assert (root / "done" / META_DIR).is_dir()

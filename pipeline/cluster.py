@@ -1,11 +1,63 @@
-"""Joining Ray: the one place that decides between a cluster and a Ray of this machine's own."""
+"""Joining Ray: the one place that decides between a cluster and a Ray of this machine's own, and
+that finds the cluster's token.
+
+A run joins the cluster at --address (a `ray start --head` on this machine for a quick loop on
+samples, or a real cluster), or starts a Ray of its own that ends with the command, every process
+of it. Ray's token authentication (on by default since Ray 2.5x) is handled the way Ray itself
+finds tokens: RAY_AUTH_TOKEN, the file at RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token.
+"""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import UserError
 
 IDLE_WORKER_MS = 60_000
+# How long the processes of a Ray of this machine's own get to end after ray.shutdown().
+LOCAL_RAY_GRACE_S = 2.0
+
+
+class ClusterError(UserError):
+    """A cluster that cannot be joined, or a token that cannot be read: what to fix."""
+
+
+@dataclass(frozen=True)
+class ClusterToken:
+    value: str
+    source: str  # where it was found, for messages; never the token itself
+
+
+def find_ray_token(environ: Mapping[str, str] = os.environ) -> ClusterToken | None:
+    """The Ray auth token in Ray's order of precedence; None if none or auth is disabled."""
+    if environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if value := environ.get("RAY_AUTH_TOKEN", "").strip():
+        return ClusterToken(value, "RAY_AUTH_TOKEN")
+    if token_path := environ.get("RAY_AUTH_TOKEN_PATH"):
+        # Ray treats an unreadable file named here as a misconfiguration, not a reason to fall back.
+        return ClusterToken(_read_token_file(Path(token_path).expanduser()), token_path)
+    default_path = Path.home() / ".ray" / "auth_token"
+    if default_path.is_file():
+        return ClusterToken(_read_token_file(default_path), str(default_path))
+    return None
+
+
+def _read_token_file(path: Path) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as error:
+        raise ClusterError(f"cannot read the Ray token file {path}: {error.strerror}") from None
+    if not value:
+        raise ClusterError(f"the Ray token file {path} is empty")
+    return value
 
 
 def init_ray(address: str | None, verbose: bool = False) -> None:
@@ -28,14 +80,75 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", str(IDLE_WORKER_MS))
     quiet = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
     if address:
-        # Inside a Ray job RAY_ADDRESS names the job's cluster (the CLI reads it into --address).
-        ray.init(address=address, **quiet)
+        _join(address, quiet)
     else:
         # "local" starts a Ray on this machine: plain ray.init() would instead join whatever
         # cluster `ray start` last left running here. The dashboard's dozen processes cost seconds
         # and memory that a local run does not need.
         ray.init(address="local", include_dashboard=False, **quiet)
+        _end_with_this_process(ray._private.worker._global_node.get_session_dir_path())
     configure_ray_data(verbose)
+
+
+def _join(address: str, quiet: dict) -> None:
+    import ray
+
+    # A cluster started with `ray start` uses token authentication by default, and a client
+    # sends its token only in token mode: with a token at hand, say so (Ray's own default would
+    # retry an unauthenticated connection for 20 s, then fail).
+    if find_ray_token() is not None:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        # Inside a Ray job RAY_ADDRESS names the job's cluster (the CLI reads it into --address).
+        ray.init(address=address, **quiet)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ClusterError(
+            f"cannot join the Ray cluster at {address} ({reason}): check --address (or "
+            "RAY_ADDRESS) and that the cluster is up; its token is read from RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+        ) from None
+
+
+def _end_with_this_process(session_dir: str) -> None:
+    """Ends a Ray of this machine's own with this process, every process of it: ray.shutdown()
+    leaves Ray's agents to notice on their own that the raylet is gone, which took 44-90 s.
+    Registered after ray.init, so it runs before Ray's own exit handler."""
+
+    def end() -> None:
+        import ray
+
+        ray.shutdown()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = _pids_mentioning(session_dir)
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + LOCAL_RAY_GRACE_S
+            while pids and time.monotonic() < deadline:
+                time.sleep(0.05)
+                pids = _pids_mentioning(session_dir)
+            if not pids:
+                return
+
+    atexit.register(end)
+
+
+def _pids_mentioning(session_dir: str) -> list[int]:
+    """Processes whose command line names the Ray session's folder (Ray's own processes)."""
+    needle = session_dir.encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
 
 
 def configure_ray_data(verbose: bool) -> None:

@@ -1,8 +1,9 @@
-"""The audio formats ast-label accepts: one table, read by the planner and by the decoder.
+"""The audio formats ast-label accepts: one table, read by the unit reader and by the decoder.
 
-Planning (`pipeline.sources`) lists a file or tar member as audio when its extension is here;
-decoding (`pipeline.audio`) tries the extension's decoders in order. Data whose extension is not
-here (or that has none, as `ast-label predict` may pass) is sniffed: libsndfile, then FFmpeg.
+Reading a unit (`pipeline.labeling.members`) takes a tar member as a sample's audio when its
+extension is here; decoding (`pipeline.audio`) tries the extension's decoders in order. Data whose
+extension is not here (or that has none, as `ast-label predict` may pass) is sniffed: libsndfile,
+then FFmpeg.
 """
 
 from __future__ import annotations

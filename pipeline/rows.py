@@ -17,14 +17,18 @@ stage and the writer refer to these names; nothing else crosses a process bounda
         unit_failure  object str   why the whole unit must not commit (storage, not data); ""
         unit_rows     int32        0, except on a unit's last row: the unit's row count
         frames        int32        fbank frames that hold the window's audio (<= T); 0 = none
+        source_bytes  int64        the file's bytes, on its first row (window 0 or its error
+                                   row); 0 on the others: how far through its input a run is
         fbank         (B, T, F)    normalised log-mel in the classifier's input dtype (see below)
     classify (Classify, in the classifier actors) drops fbank and adds
         embedding     (B, D) float32   pooled output; zeros on rows that are not labeled
         scores        (B, C) float32   sigmoid or softmax; zeros on rows that are not labeled
         top_index     (B, k) int32     label ids by descending score
+        head_scores   (B, H) float32   with --head: the head's scores; zeros on rows not labeled
     stage (output.staging.write_staging_parts, in the same actors) writes the batch as staged
     Parquet parts and returns one record per unit in it, which is all that reaches the driver
-        unit_id, part_uri, rows, unit_rows, unit_failure   (output.staging.RECORD_COLUMNS)
+        unit_id, part_uri, rows, unit_rows, unit_failure and the batch's files, windows,
+        errors, audio_s, source_bytes of the unit          (output.staging.RECORD_COLUMNS)
 
 Null strings travel as "": a block whose values were all None would get Arrow's null type, come
 back from Ray as float NaN, and then fail to merge with a block of strings. The writer turns ""
@@ -60,10 +64,12 @@ ERROR = "error"
 UNIT_FAILURE = "unit_failure"
 UNIT_ROWS = "unit_rows"
 FRAMES = "frames"
+SOURCE_BYTES = "source_bytes"
 FBANK = "fbank"
 EMBEDDING = "embedding"
 SCORES = "scores"
 TOP_INDEX = "top_index"
+HEAD_SCORES = "head_scores"
 
 # The columns that describe a row, from the read stage to the writer (everything but tensors).
 ROW_COLUMNS = (
@@ -80,6 +86,7 @@ ROW_COLUMNS = (
     UNIT_FAILURE,
     UNIT_ROWS,
     FRAMES,
+    SOURCE_BYTES,
 )
 ROW_DTYPES = {
     UNIT_ID: object,
@@ -95,6 +102,7 @@ ROW_DTYPES = {
     UNIT_FAILURE: object,
     UNIT_ROWS: np.int32,
     FRAMES: np.int32,
+    SOURCE_BYTES: np.int64,
 }
 
 # The fbank column's numpy dtype per classifier input dtype. numpy has no bfloat16: bf16 travels
@@ -118,6 +126,7 @@ def empty_row(unit_id: str, shard: str, key: str) -> dict:
         UNIT_FAILURE: "",
         UNIT_ROWS: 0,
         FRAMES: 0,
+        SOURCE_BYTES: 0,
     }
 
 

@@ -64,6 +64,7 @@ class LabelingOptions:
     max_duration_s: float = defaults.MAX_DURATION_S
     max_member_bytes: int = defaults.MAX_MEMBER_BYTES
     norm_stats: str | None = None
+    head: str | None = None  # a head folder (`ast-label head train`): its labels beside the model's
 
     @classmethod
     def take(cls, values: dict[str, Any]) -> LabelingOptions:

@@ -1,7 +1,7 @@
 """Trains the bundled default model (ast_model/default) from scratch on synthetic sounds.
 
 Pretrained AST weights cannot be downloaded everywhere, yet `ast-label demo` must work on a fresh
-machine with nothing else; this small AST, trained on pipeline.synthetic's classes in about ten
+machine with nothing else; this small AST, trained on the demo's synthetic classes in about ten
 minutes on a 2-core CPU, is that offline default. It is a demonstration model, not a sound tagger.
 
     .venv/bin/python scripts/train_default_model.py            # writes ast_model/default/

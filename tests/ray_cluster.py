@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from processes import session_pids
+
 # The venv's own `ray` and `python`: job entrypoints run `python -m jobs.X` from PATH.
 VENV_BIN = Path(sys.executable).parent
 
@@ -60,7 +62,7 @@ class LoopbackCluster:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, to every process in the sessions our `ray start`s opened."""
         for sig, grace_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            pids = _pids_in_sessions(set(self.session_ids))
+            pids = [p for sid in self.session_ids for p in session_pids(sid)]
             for pid in pids:
                 try:
                     os.kill(pid, sig)
@@ -69,26 +71,10 @@ class LoopbackCluster:
             deadline = time.monotonic() + grace_s
             while pids and time.monotonic() < deadline:
                 time.sleep(0.2)
-                pids = _pids_in_sessions(set(self.session_ids))
+                pids = [p for sid in self.session_ids for p in session_pids(sid)]
             if not pids:
                 break
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _pids_in_sessions(session_ids: set[int]) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command name: state ppid pgrp session ...
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[3]) in session_ids and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 def _ray_start(args: list[str], env: dict[str, str], cluster: LoopbackCluster) -> str:

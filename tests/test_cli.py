@@ -291,14 +291,17 @@ def test_run_shows_only_its_own_lines_and_leaves_no_staging(tmp_path, tiny_hf_ch
     )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
-    assert lines[0] == f"3 work units: 0 already committed, 3 to label -> {output}"
-    assert lines[1].startswith("Ray: ") and "classifier actors on CPU" in lines[1]
-    assert all(line.startswith("units ") for line in lines[2:]), lines
-    assert lines[-1].startswith("units 3/3 | files 7 |") and "errors 1" in lines[-1]
+    assert lines[0] == f"7 inputs: 0 labeled already, 7 new (3 work units to label) -> {output}"
+    assert lines[1].startswith("Ray: 2 CPUs, 0 GPUs; 1 classifier actor on CPU"), lines[1]
+    # A log's progress: a line every 10 s, then the last one (files counted as classified).
+    progress = lines[2:]
+    assert all(" | " in line for line in progress), lines
+    assert progress[-1].startswith("files 7/7 | 6 windows | 1 error | 3/3 units committed |")
     for noise in ("INFO", "WARNING", "core_worker", "Progress", "Running Dataset", "Traceback"):
         assert noise not in result.stderr, noise
     summary = result.stdout.splitlines()
-    assert summary[1] == "files 7, windows 6, error rows 1"
+    assert summary[0].startswith("done: 7 files labeled in ")
+    assert summary[0].endswith(f"the output holds 7 files, 6 windows, 1 error row -> {output}")
     assert "skipped (not inputs): 1 hidden files and folders" in result.stdout
     assert any("error x1: not an audio file" in line for line in summary), summary
     assert not (output / ".ast-label" / "staging").exists()

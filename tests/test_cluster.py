@@ -22,11 +22,11 @@ from conftest import write_hf_checkpoint
 from ray_cluster import LoopbackCluster, free_port, start_loopback_cluster
 from test_norm_stats import noise_clip, reference_norm_stats
 
+from pipeline.cluster import ClusterError, find_ray_token
 from pipeline.commands.submit import (
     BIG_FILE_BYTES,
     CommandError,
     connect,
-    find_ray_token,
     job_entrypoint,
     job_runtime_env,
 )
@@ -310,7 +310,7 @@ def test_token_is_found_in_rays_order_of_precedence(tmp_path, monkeypatch):
     assert found({"RAY_AUTH_TOKEN_PATH": str(token_file)}) == ("from-file", str(token_file))
     assert found({}) == ("from-home", str(default_file))
     assert found({**both, "RAY_AUTH_MODE": "disabled"}) is None
-    with pytest.raises(CommandError, match="cannot read the Ray token file"):
+    with pytest.raises(ClusterError, match="cannot read the Ray token file"):
         find_ray_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
     default_file.unlink()
     assert found({}) is None

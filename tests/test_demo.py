@@ -159,8 +159,8 @@ def test_summary_counts_labels_accuracy_and_errors_without_ray(tmp_path):
         broken={("shard-000001.tar", "c"): "a text file named .wav"},
     )
     summary = RunSummary(
-        output=str(tmp_path / "labels"), shards=2, files=3, windows=4, errors=1, audio_hours=0.01,
-        wall_s=2.0, clips_per_s=1.5, audio_hours_per_s=0.005,
+        output=str(tmp_path / "labels"), units=2, files=3, windows=4, errors=1, audio_hours=0.01,
+        files_now=3, audio_hours_now=0.01, wall_s=2.0, files_per_s=1.5,
     )  # fmt: skip
     report = DemoReport(
         corpus, summary, tmp_path / "labels", tuple(results), find_misses(corpus, results)

@@ -434,8 +434,9 @@ def test_a_plain_rerun_after_the_storms_labels_exactly_the_units_that_did_not_co
     runs = storm_runs
     assert runs.second.returncode == 0, runs.second.stderr[-3000:]
     committed, todo = len(UNTOUCHED), len(STRUCK)
-    assert f"{committed} already committed, {todo} to label" in runs.second.stderr
-    assert f"({todo} labeled now, {committed} already done)" in runs.second.stdout
+    said = f"{SHARDS} tar shards: {committed} labeled already, {todo} new ({todo} work units"
+    assert said in runs.second.stderr
+    assert f"done: {todo * CLIPS_PER_SHARD} files labeled in " in runs.second.stdout
     assert_same_rows(runs.rows_after_second, reference)
     assert runs.staging_after_second == []
 

@@ -94,6 +94,7 @@ def unit_batch(
         "metadata": np.array([json.dumps({"k": k}) for k, _, _ in rows], dtype=object),
         "error": np.array([e for _, _, e in rows], dtype=object),
         "unit_failure": np.array([""] * count, dtype=object),
+        "source_bytes": np.array([1000 if w == 0 else 0 for _, w, _ in rows], dtype=np.int64),
     }
 
 
@@ -378,9 +379,9 @@ def test_output_path_with_glob_characters_is_taken_literally(tmp_path):
     (tmp_path / "out1" / "u.parquet").write_bytes(b"not ours")
     commit_units(uri, {"u": ["s"]})
     assert stored(uri) == {"u.parquet", ".ast-label/commits/u.json"}
-    fp = make_spec(uri).model_fingerprint
-    assert check_resume(at(uri), [("u", ["s"])], fp, False).committed == {"u"}
-    assert check_resume(at(uri), [("u", ["s"])], fp, True).committed == set()
+    spec = make_spec(uri)
+    assert set(check_resume(at(uri), spec, False).units) == {"u"}
+    assert check_resume(at(uri), spec, True).units == {}
     assert stored(uri) == set() and (tmp_path / "out1" / "u.parquet").exists()
 
 
@@ -451,50 +452,46 @@ def commit_units(
     return stage_and_commit(spec, batches, units)
 
 
-def test_resume_skips_committed_units_and_redoes_one_whose_file_is_missing(output_uri):
-    commit_units(output_uri, {"u1": ["s1"], "u2": ["s2"]})
+def test_resume_keeps_committed_units_and_clears_what_a_killed_run_left(output_uri):
+    commit_units(output_uri, {"u1": ["s1"], "u2": ["s2"], "u3": ["s3"]})
     fs, root = fsspec.core.url_to_fs(output_uri)
-    fs.rm(f"{root}/u2.parquet")
-    plan = [("u1", ["s1"]), ("u2", ["s2"]), ("u3", ["s3"])]
-    assert check_resume(
-        at(output_uri), plan, make_spec(output_uri).model_fingerprint, False
-    ).committed == {"u1"}
-
-
-def test_resume_on_an_empty_output_skips_nothing(output_uri):
-    assert check_resume(at(output_uri), [("u1", ["s1"])], "fp", False).committed == set()
-
-
-def test_resume_removes_staging_left_by_a_run_killed_after_its_commit(output_uri):
-    commit_units(output_uri, {"u1": ["s1"]})
+    fs.rm(f"{root}/u2.parquet")  # a marker without its unit file: u2 is not committed
+    fs.rm(f"{root}/.ast-label/commits/u3.json")  # killed between the unit file and its marker
+    write_staging_parts(unit_batch("u4", {"a": 1}), make_spec(output_uri, "killed"))
     write_staging_parts(unit_batch("u1", {"a": 1}), make_spec(output_uri, "late"))
-    resume = check_resume(
-        at(output_uri), [("u1", ["s1"])], make_spec(output_uri).model_fingerprint, False
-    )
-    assert resume.committed == {"u1"}
+
+    resume = check_resume(at(output_uri), make_spec(output_uri), False)
+
+    assert set(resume.units) == {"u1"} and resume.sources == {"s1"}
     assert stored(output_uri) == {"u1.parquet", ".ast-label/commits/u1.json"}
 
 
-def test_resume_refuses_output_of_another_model(tmp_path):
+def test_resume_on_an_empty_output_finds_nothing(output_uri):
+    resume = check_resume(at(output_uri), make_spec(output_uri), False)
+    assert resume.units == {} and resume.sources == frozenset()
+
+
+def test_resume_refuses_other_settings_naming_each_with_both_values(tmp_path):
     uri = str(tmp_path / "out")
-    commit_units(uri, {"u1": ["s1"]}, weights_sha256="cd" * 32)
+    commit_units(uri, {"u1": ["s1"]}, weights_sha256="cd" * 32, hop_s=5.12)
     with pytest.raises(OutputError) as caught:
-        check_resume(at(uri), [("u1", ["s1"])], make_spec(uri).model_fingerprint, False)
+        check_resume(at(uri), make_spec(uri), False)
     message = str(caught.value)
-    assert "holds results from another model or settings" in message and "--overwrite" in message
+    assert "holds results made with other settings" in message and "--overwrite" in message
+    assert f"hop_s: 5.12 there, {WINDOW_S} here" in message
+    assert "weights_sha256: cdcdcdcdcdcd there, abababababab here" in message
     assert "\n" not in message and isinstance(caught.value, UserError)
-
-
-def test_resume_refuses_a_plan_that_groups_committed_inputs_differently(tmp_path):
-    uri = str(tmp_path / "out")
-    commit_units(uri, {"files-1": ["a.wav", "b.wav"]})
-    fp = make_spec(uri).model_fingerprint
-    with pytest.raises(OutputError, match="groups the inputs differently.*b.wav.*duplicated"):
-        check_resume(at(uri), [("files-2", ["b.wav", "c.wav"])], fp, False)
-    with pytest.raises(OutputError, match="groups the inputs differently"):
-        check_resume(at(uri), [("files-1", ["a.wav"])], fp, False)
-    # Inputs the output has not seen, in other units, can be added to it.
-    assert check_resume(at(uri), [("files-9", ["z.wav"])], fp, False).committed == set()
+    with pytest.raises(OutputError, match="head: none there, 0123456789ab here"):
+        check_resume(
+            at(uri),
+            make_spec(
+                uri,
+                weights_sha256="cd" * 32,
+                hop_s=5.12,
+                head={"sha256": "0123456789ab" * 5 + "cdef"},
+            ),
+            False,
+        )
 
 
 def test_overwrite_deletes_every_ast_label_file_and_nothing_else(output_uri):
@@ -505,8 +502,7 @@ def test_overwrite_deletes_every_ast_label_file_and_nothing_else(output_uri):
     fs.makedirs(f"{root}/other", exist_ok=True)  # a no-op on S3
     fs.pipe_file(f"{root}/README.txt", b"mine")
     fs.pipe_file(f"{root}/other/data.csv", b"x,y")
-    fp = make_spec(output_uri).model_fingerprint
-    assert check_resume(at(output_uri), [("u1", ["s1"])], fp, overwrite=True).committed == set()
+    assert check_resume(at(output_uri), make_spec(output_uri), overwrite=True).units == {}
     assert stored(output_uri) == {"README.txt", "other/data.csv"}
     assert read_commit_markers(at(output_uri)) == {}
 
@@ -574,16 +570,7 @@ def test_markers_are_read_even_when_the_index_cannot_be_written(tmp_path, monkey
     monkeypatch.setattr(output_index, "write_index", failing_write_index)
     expected = {unit_id: CommittedUnit.from_marker(m) for unit_id, m in markers.items()}
     assert read_commit_markers(at(uri)) == expected  # the index is a cache: a warning, no failure
-    fp = make_spec(uri).model_fingerprint
-    assert check_resume(at(uri), [("u1", ["s1"])], fp, False).committed == {"u1"}
-
-
-def test_resume_refuses_a_regrouped_unit_whose_marker_lists_no_sources(tmp_path):
-    uri = str(tmp_path / "out")
-    commit_units(uri, {"files-1": []})
-    fp = make_spec(uri).model_fingerprint
-    with pytest.raises(OutputError, match="groups the inputs differently from this run, so"):
-        check_resume(at(uri), [("files-1", ["a.wav"])], fp, False)
+    assert set(check_resume(at(uri), make_spec(uri), False).units) == {"u1", "u2"}
 
 
 def test_resume_and_overwrite_retry_a_failed_delete(output_uri, monkeypatch):
@@ -599,8 +586,8 @@ def test_resume_and_overwrite_retry_a_failed_delete(output_uri, monkeypatch):
         real_remove(fs, path)
 
     monkeypatch.setattr(storage, "delete_path_once", flaky_remove)
-    fp = make_spec(output_uri).model_fingerprint
-    assert check_resume(at(output_uri), [("u1", ["s1"])], fp, False).committed == {"u1"}
+    spec = make_spec(output_uri)
+    assert set(check_resume(at(output_uri), spec, False).units) == {"u1"}
     assert stored(output_uri) == {"u1.parquet", ".ast-label/commits/u1.json"}
-    check_resume(at(output_uri), [("u1", ["s1"])], fp, True)
+    check_resume(at(output_uri), spec, True)
     assert stored(output_uri) == set()

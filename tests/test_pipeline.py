@@ -93,7 +93,7 @@ def test_tar_shards_from_s3_to_parquet_on_s3_equal_the_model_applied_directly(
         echo=lambda line: None,
     )
 
-    assert (summary.shards, summary.files, summary.errors) == (3, 12, 0)
+    assert (summary.units, summary.files, summary.errors) == (3, 12, 0)
     assert summary.windows == 3 * (3 + 3)  # three short clips, one 25 s clip in three windows
     table = read_rows(s3_server.filesystem(), output)
     assert table.num_rows == summary.windows
@@ -204,7 +204,7 @@ def test_bad_inputs_inside_real_shards_each_become_one_error_row(
     assert by_key["bad-002.tar:"][0]["error"]
     assert by_key["bad-003.tar:"][0]["error"]
     assert summary.errors == sum(1 for r in rows if r["error"] is not None)
-    assert summary.shards == 4
+    assert summary.units == 4
 
 
 def test_user_errors_fail_fast_with_one_clear_message(tmp_path, tiny_hf_checkpoint):

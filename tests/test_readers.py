@@ -142,7 +142,7 @@ def test_label_query_one_liners_agree_with_inspect(labeled):
 def test_inspect_counts_equal_the_run_summary(labeled):
     output, summary = labeled
     counts = inspect_output(output).counts
-    assert counts["unit_files"] == summary.shards == 2
+    assert counts["unit_files"] == summary.units == 2
     assert (counts["files"], counts["windows"], counts["error_rows"]) == (
         summary.files,
         summary.windows,

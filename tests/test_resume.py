@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 from audio_corpus import encode, sine, tar_bytes
+from processes import kill_session
 
 from pipeline.labeling.run import run_labeling
 from pipeline.settings import LabelingOptions, RunConfig
@@ -72,33 +72,6 @@ def committed(output: Path) -> int:
     )
 
 
-def session_pids(session_id: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # Fields 3 and 6 of /proc/PID/stat: the state (Z: dead, awaiting its parent) and session.
-        if int(fields[3]) == session_id and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def kill_session(session_id: int) -> None:
-    """SIGKILL to the driver and every Ray process it started (Ray workers get process groups of
-    their own, so killpg alone would miss them), as when the machine dies."""
-    deadline = time.monotonic() + 30
-    while (pids := session_pids(session_id)) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
-    assert not session_pids(session_id), "processes of the killed run survived"
-
-
 def test_rerun_after_kill_writes_each_file_once(ray_local, tmp_path, tiny_hf_checkpoint):
     corpus = tmp_path / "corpus"
     write_corpus(corpus)
@@ -129,7 +102,7 @@ def test_rerun_after_kill_writes_each_file_once(ray_local, tmp_path, tiny_hf_che
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"{done_at_kill} already committed" in second.stderr
+    assert f"{done_at_kill} labeled already" in second.stderr
     assert sorted_rows(output) == sorted_rows(clean)
     files = {(shard, key) for shard, key, *_ in sorted_rows(output)}
     assert len(files) == SHARDS * CLIPS_PER_SHARD
@@ -138,5 +111,92 @@ def test_rerun_after_kill_writes_each_file_once(ray_local, tmp_path, tiny_hf_che
     before = {path: path.stat().st_mtime_ns for path in output.glob("*.parquet")}
     third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert f"{SHARDS} already committed, 0 to label" in third.stderr
+    assert f"{SHARDS} labeled already, 0 new (0 work units to label)" in third.stderr
     assert {path: path.stat().st_mtime_ns for path in output.glob("*.parquet")} == before
+
+
+def write_clips(folder: Path, first: int, count: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(first, first + count):
+        seconds = 1.0 + index % 4 * 4.0  # some clips need 2 windows
+        wave = sine(seconds, sr=16_000, freq=150.0 + 35 * index)
+        (folder / f"clip-{index:03d}.flac").write_bytes(encode(wave, 16_000, "flac"))
+
+
+def file_rows(output: Path) -> list[tuple]:
+    """The rows, by file: plain files are keyed by their URI (`shard` names the file group,
+    which depends on when a file joined the corpus)."""
+    table = pads.dataset(str(output), format="parquet").to_table()
+    return sorted(
+        (r["key"], r["window_index"], r["start_s"], r["end_s"], r["error"],
+         tuple(round(s, 5) for s in r["scores"]))
+        for r in table.to_pylist()
+    )  # fmt: skip
+
+
+def test_a_folder_that_grows_three_times_is_labeled_as_one_run_over_the_final_folder(
+    ray_local, tmp_path, tiny_hf_checkpoint
+):
+    corpus, output = tmp_path / "corpus", tmp_path / "labels"
+    options = LabelingOptions(model=str(tiny_hf_checkpoint), batch_size=4)
+
+    def run_here(folder: Path, out: Path):
+        config = RunConfig((str(folder),), str(out), options=options, files_per_unit=2)
+        return run_labeling(config, echo=lambda line: None)
+
+    write_clips(corpus, 0, 5)
+    first = run_here(corpus, output)
+    assert (first.already_labeled, first.new_inputs, first.units_labeled) == (0, 5, 3)
+
+    write_clips(corpus, 5, 16)  # grows; the run labeling what is new is killed part way
+    command = [
+        str(Path(sys.executable).with_name("ast-label")), "run", str(corpus), "--output",
+        str(output), "--model", str(tiny_hf_checkpoint), "--batch-size", "4",
+        "--files-per-unit", "2",
+    ]  # fmt: skip
+    killed = subprocess.Popen(
+        command,
+        env={**os.environ, "RAY_ADDRESS": ""},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while committed(output) < 4 and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kill_session(killed.pid)
+    killed.wait()
+    assert 4 <= committed(output) < 11, "the kill should land part way through the new units"
+
+    again = run_here(corpus, output)
+    assert again.already_labeled + again.new_inputs == 21 and again.already_labeled >= 7
+    write_clips(corpus, 21, 3)  # grows once more
+    last = run_here(corpus, output)
+    assert (last.already_labeled, last.new_inputs, last.gone) == (21, 3, 0)
+    assert last.files == 24 and last.complete
+
+    run_here(corpus, tmp_path / "at-once")
+    assert file_rows(output) == file_rows(tmp_path / "at-once")  # each file once, same numbers
+    assert not list(output.glob(".ast-label/staging/*"))
+    markers = {p.stem for p in (output / ".ast-label" / "commits").glob("*.json")}
+    assert markers == {p.stem for p in output.glob("*.parquet")}
+
+
+def test_files_gone_from_the_input_keep_their_rows_and_the_summary_says_so(
+    ray_local, tmp_path, tiny_hf_checkpoint
+):
+    corpus, output = tmp_path / "corpus", tmp_path / "labels"
+    write_clips(corpus, 0, 3)
+    options = LabelingOptions(model=str(tiny_hf_checkpoint), batch_size=4)
+    config = RunConfig((str(corpus),), str(output), options=options)
+    run_labeling(config, echo=lambda line: None)
+    (corpus / "clip-001.flac").unlink()
+    write_clips(corpus, 3, 1)
+    said: list[str] = []
+    summary = run_labeling(config, echo=said.append)
+    assert (summary.already_labeled, summary.new_inputs, summary.gone) == (2, 1, 1)
+    assert said[0] == (
+        f"3 inputs: 2 labeled already, 1 new (1 work unit to label), 1 no longer in the input "
+        f"(their rows stay) -> {output}"
+    )
+    assert summary.files == 4 and len({row[0] for row in file_rows(output)}) == 4

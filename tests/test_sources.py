@@ -244,7 +244,7 @@ def test_parquet_manifest_uses_the_uri_column(tmp_path):
         ("ints.parquet", pa.table({"uri": [1, 2]}), "not strings"),
         ("broken.parquet", b"PAR1 not really", "cannot read manifest"),
         ("binary.txt", b"\xff\xfe\xfa", "not UTF-8"),
-        ("lists-missing.txt", "gone.tar\n", "listed in manifest"),
+        ("lists-nothing.txt", "nothing-*.tar\n", "listed in manifest"),
     ],
 )
 def test_bad_manifests_fail_with_one_clear_line(tmp_path, name, content, message):
@@ -259,6 +259,29 @@ def test_bad_manifests_fail_with_one_clear_line(tmp_path, name, content, message
         plan_work_units([], manifest=str(manifest))
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_a_manifest_entry_naming_no_file_is_an_input_whose_row_says_so(tmp_path):
+    (present,) = write_shards(tmp_path, ["here.tar"])
+    wav = tmp_path / "clip.wav"
+    wav.write_bytes(encode(sine(1.0), 16_000, "wav"))
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(f"{present}\ngone.tar\n{wav}\nmissing.wav\n")
+    with pytest.raises(InputError, match="input not found"):  # on the command line: a typo
+        plan_work_units([str(tmp_path / "gone.tar")])
+
+    plan = plan_work_units([], manifest=str(manifest))
+
+    assert len(plan.inputs) == 4
+    gone = next(u for u in plan.units if u.sources == (str(tmp_path / "gone.tar"),))
+    assert gone.missing == gone.sources
+    [member] = list(read_unit_members(gone, LIMIT))
+    assert member.error.startswith("not found: the manifest lists it")
+    files = next(u for u in plan.units if u.kind == "files")
+    assert files.missing == (str(tmp_path / "missing.wav"),)
+    by_key = {m.key: m for m in read_unit_members(files, LIMIT)}
+    assert by_key[str(wav)].error is None and by_key[str(wav)].audio
+    assert by_key[str(tmp_path / "missing.wav")].error.startswith("not found")
 
 
 # ---------------------------------------------------------------------------------------------

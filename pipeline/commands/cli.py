@@ -8,6 +8,8 @@ The Ray jobs (`python -m jobs.label`, `python -m jobs.norm_stats`) run these sam
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -167,6 +169,12 @@ _LABELING_OPTIONS = (
     click.option(
         "--norm-stats", help="JSON from `ast-label norm-stats` to use instead of AudioSet's."
     ),
+    click.option(
+        "--head",
+        metavar="HEAD",
+        help="A head folder from `ast-label head train`: its labels (head_labels, head_scores) "
+        "beside the model's.",
+    ),
 )
 
 
@@ -240,22 +248,56 @@ def predict_command(inputs, windows, as_json, scores, embedding, **options) -> N
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's own logs and progress bars.")
 def run_command(inputs, **options) -> None:
     """Label INPUTS (tar shards, audio files, folders, globs, brace ranges, s3:// URIs) into
-    Parquet under --output, exactly once per file; rerun the same command to resume."""
-    from pipeline.commands.progress import Progress
+    Parquet under --output, exactly once per file. Run the same command again to resume, or to
+    label what is new when the input has grown."""
     from pipeline.labeling.run import run_labeling
-    from pipeline.labeling.summary import format_summary
     from pipeline.settings import LabelingOptions, RunConfig
 
-    live = sys.stderr.isatty()
+    config = RunConfig(tuple(inputs), options=LabelingOptions.take(options), **options)
+    with _progress() as progress:
+        summary = run_labeling(config, echo=progress.note, progress=progress)
+    _report(summary)
 
-    def progress(units: int) -> Progress:
-        return Progress(units, write=lambda text: click.echo(text, err=True, nl=False), live=live)
 
-    summary = run_labeling(
-        RunConfig(tuple(inputs), options=LabelingOptions.take(options), **options),
-        echo=_note,
-        progress=progress,
-    )
+@main.command("relabel")
+@click.argument("source", metavar="OUTPUT")
+@click.option("--head", required=True, metavar="HEAD", help="The head folder to apply.")
+@click.option("--output", "-o", required=True, help="The new output folder or URI.")
+@click.option(
+    "--overwrite", is_flag=True, help="Delete the new output's earlier results and start again."
+)
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join [default: a local Ray].")
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's own logs and progress bars.")
+def relabel_command(source, **options) -> None:
+    """Score an existing OUTPUT with a head into a new output, from its stored embeddings: no
+    audio is read, no transformer runs. Every column is kept, the head's are added; rerun the same
+    command to resume."""
+    from pipeline.heads.relabel import RelabelConfig, relabel
+
+    with _progress() as progress:
+        summary = relabel(RelabelConfig(source, **options), echo=progress.note, progress=progress)
+    _report(summary)
+
+
+@contextlib.contextmanager
+def _progress():
+    """The progress line of a run, shown from its first second: in place on a terminal, a line
+    per interval in a log; cleared when the run ends, however it ends, before anything else is
+    printed."""
+    from pipeline.commands.progress import Progress
+
+    write = functools.partial(click.echo, err=True, nl=False)
+    progress = Progress(write=write, live=sys.stderr.isatty())
+    try:
+        yield progress
+    finally:
+        progress.finish()
+
+
+def _report(summary) -> None:
+    """A run's summary on stdout; RunIncomplete (exit 3) when units did not commit."""
+    from pipeline.labeling.summary import format_summary
+
     click.echo(format_summary(summary))
     if not summary.complete:
         raise RunIncomplete(
@@ -440,3 +482,135 @@ def stop_command(address: str, job_id: str) -> None:
     from pipeline.commands.submit import stop_job
 
     click.echo(f"{job_id} {stop_job(address, job_id)}")
+
+
+# --- heads ---------------------------------------------------------------------------------------
+
+# The heads' defaults; a light module (no scikit-learn, no torch), imported here beside its use.
+from pipeline.heads import options as head_options  # noqa: E402
+
+
+@main.group("head", cls=_Group)
+def head_group() -> None:
+    """Your own labels: linear heads on the embeddings that ast-label stores."""
+
+
+@head_group.command("train")
+@click.argument("examples")
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    metavar="HEAD",
+    help="The head's folder (a path or s3:// URI): head.safetensors, config.json, README.md.",
+)
+@click.option(
+    "--model",
+    "-m",
+    help=MODEL_HELP + " With --from-output: the output's model (checked when given).",
+)
+@click.option(
+    "--from-output",
+    metavar="OUTPUT",
+    help="Take the examples' embeddings from the rows of this ast-label output (made with the "
+    "same model) instead of decoding audio. EXAMPLES names files as the output does.",
+)
+@click.option(
+    "--multi-label",
+    is_flag=True,
+    help="Sigmoid scores, each label on its own, even when every example has one label "
+    "[default: multi-label when some window has several labels].",
+)
+@click.option(
+    "--folds",
+    default=head_options.DEFAULT_FOLDS,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Cross-validation folds, split by file: the windows of a file are never on both sides.",
+)
+@click.option(
+    "--target-precision",
+    type=click.FloatRange(0, 1, min_open=True),
+    metavar="P",
+    help="Each label's threshold: the lowest whose held-out precision reaches P "
+    "[default: the threshold of the best F1].",
+)
+@click.option(
+    "--c",
+    "c",
+    default=head_options.DEFAULT_C,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Inverse strength of the L2 penalty on the standardised embedding (scikit-learn's C): "
+    "lower it for few examples.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seeds the folds: the same examples and seed give the same head and report.",
+)
+@click.option(
+    "--plot",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Also draw the cross-validation (precision-recall per label, confusion): FILE.png "
+    "(.svg, .pdf), or FILE.html with the table. Needs the plot extra (matplotlib).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace the head already in --output.")
+@click.option(
+    "--window-s", type=float, help="Window length in seconds, as `run` [default: 10.24]."
+)
+@click.option("--hop-s", type=float, help="Hop between windows [default: the window length].")
+@click.option(
+    "--device",
+    default=defaults.DEVICE,
+    show_default=True,
+    type=click.Choice(defaults.DEVICES),
+    help="Where the model runs: auto takes a GPU when there is one.",
+)
+@click.option("--batch-size", type=int, help="Windows per model batch [default: as `run`].")
+@click.option(
+    "--max-duration-s",
+    default=defaults.MAX_DURATION_S,
+    show_default=True,
+    type=float,
+    help="Longer files are left out (reported).",
+)
+@click.option(
+    "--norm-stats", help="JSON from `ast-label norm-stats` to use instead of AudioSet's."
+)
+@click.option(
+    "--ray-above",
+    default=head_options.DEFAULT_RAY_ABOVE,
+    show_default=True,
+    type=click.IntRange(min=0),
+    metavar="FILES",
+    help="More example files than this are labeled on Ray (`run` into --scratch); fewer in "
+    "this process, as `predict` does. 0: always on Ray.",
+)
+@click.option(
+    "--scratch",
+    metavar="OUTPUT",
+    help="On Ray: the output the examples are labeled into, kept so that a rerun resumes it "
+    "[default: a temporary folder, removed]. Needed with --address.",
+)
+@click.option(
+    "--address", envvar="RAY_ADDRESS", help="Ray cluster for the labeling [default: a local Ray]."
+)
+def head_train_command(examples, output, model, **options) -> None:
+    """Train a head on EXAMPLES: a folder with one subfolder per label, or a .csv/.parquet
+    manifest (uri, or shard + key; label; optional start_s, end_s). Prints the cross-validation
+    and writes the head to --output."""
+    from pipeline.heads.train import TrainConfig, train_head
+    from pipeline.settings import LabelingOptions
+
+    labeling = LabelingOptions.take(options)
+    config = TrainConfig(examples, output, model, options=labeling, **options)
+    with _progress() as progress:
+        result = train_head(config, echo=progress.note, progress=progress)
+    click.echo(result.table)
+    _note(f"wrote {result.head.name} (head.safetensors sha256 {result.head.sha256[:12]})")
+    if result.plot is not None:
+        _note(f"wrote {result.plot}")

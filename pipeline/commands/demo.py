@@ -28,7 +28,7 @@ from ast_model.config import DEFAULT_MODEL
 from pipeline.commands.synthetic import CLASS_NAMES, MAX_DURATION_S, MIN_DURATION_S, generate_clip
 from pipeline.output.layout import METADATA_KEY
 
-if TYPE_CHECKING:  # pipeline.run pulls in Ray Data; writing a corpus or a report does not need it
+if TYPE_CHECKING:  # labeling.run pulls in Ray Data; writing a corpus or a report does not need it
     from pipeline.labeling.summary import RunSummary
 
 NUM_SHARDS = 4
@@ -140,7 +140,7 @@ def _sample(label: str, rng: np.random.Generator) -> tuple[str, bytes, dict]:
         waveform = np.stack([waveform, waveform * rng.uniform(0.5, 1.0)], axis=1)  # (N, 2)
     metadata = {
         "label": label,
-        "generator": "pipeline.synthetic",
+        "generator": "pipeline.commands.synthetic",
         "sample_rate": sample_rate,
         "channels": channels,
         "duration_s": round(duration_s, 3),
@@ -286,16 +286,15 @@ def format_report(report: DemoReport) -> str:
         planted = corpus.broken.get((result.shard, result.key))
         note = f"  [planted: {planted}]" if planted else ""
         lines.append(f"  {result.shard} {result.key}: {result.error}{note}")
-    audio_s = summary.audio_hours * 3600
+    audio_s = summary.audio_hours_now * 3600
     duckdb_query = (
         "SELECT key, window_index, top_labels[1] AS label, top_scores[1] AS score, error "
         f"FROM '{report.labels_dir}/*.parquet' LIMIT 10"
     )
     lines += [
         "",
-        f"Throughput: {summary.files} files, {audio_s / 60:.1f} min of audio "
-        f"in {summary.wall_s:.1f} s = {summary.clips_per_s:.1f} files/s, "
-        f"{summary.audio_hours_per_s * 3600:.0f} s of audio per s "
+        f"Throughput: {summary.files_now} files, {audio_s / 60:.1f} min of audio "
+        f"in {summary.wall_s:.1f} s = {summary.files_per_s:.1f} files/s "
         "(Ray start-up included)",
         "",
         f"Labels (Parquet, one file per shard): {report.labels_dir}",

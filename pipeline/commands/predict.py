@@ -17,6 +17,7 @@ from ast_model.checkpoint import load_checkpoint
 from ast_model.labels import top_label_ids
 from pipeline import rows
 from pipeline.errors import UserError
+from pipeline.heads.head import load_head
 from pipeline.labeling.classify import Classify, resolve_device
 from pipeline.labeling.plan import Plan, WorkUnit, plan_work_units
 from pipeline.labeling.read import ReadStage
@@ -40,6 +41,7 @@ class WindowLabels:
     end_s: float
     scores: np.ndarray  # (C,) float32
     embedding: np.ndarray  # (D,) float32
+    head_scores: np.ndarray | None = None  # (H,) float32 with --head
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,13 @@ class FileLabels:
         """(D,) the mean of the windows' embeddings."""
         return np.mean([window.embedding for window in self.windows], axis=0, dtype=np.float64)
 
+    @property
+    def head_scores(self) -> np.ndarray | None:
+        """(H,) the mean of the windows' head scores (with --head)."""
+        if not self.windows or self.windows[0].head_scores is None:
+            return None
+        return np.mean([window.head_scores for window in self.windows], axis=0, dtype=np.float64)
+
 
 class Predictor:
     """The model and the run's stages, built once: checks the options as `run` does, loads the
@@ -79,7 +88,12 @@ class Predictor:
         features = options.feature_settings(fbank, use_gpu)
         self.read = ReadStage(options.read_settings(fbank), features)
         classifier = ClassifierSettings(options.device, options.precision, options.top_k)
-        self.classify = Classify(self.loaded, classifier)
+        self.head = load_head(options.head) if options.head else None
+        if self.head is not None:
+            loaded = self.loaded
+            where = f"model {loaded.name}"
+            self.head.check_base(loaded.weights_sha256, loaded.config.hidden_size, where)
+        self.classify = Classify(self.loaded, classifier, self.head)
         self.label_names: tuple[str, ...] = tuple(self.loaded.config.id2label)
 
     def plan(self) -> Plan:
@@ -126,44 +140,64 @@ class Predictor:
         if result.error is not None:
             return [{**head, "error": result.error}]
         if not windows:
-            parts = [({"windows": len(result.windows)}, result.scores, result.embedding)]
+            fields = {"windows": len(result.windows)}
+            parts = [(fields, result.scores, result.embedding, result.head_scores)]
         else:
             parts = [
                 (
                     {"window_index": w.index, "start_s": w.start_s, "end_s": w.end_s},
                     w.scores,
                     w.embedding,
+                    w.head_scores,
                 )
                 for w in result.windows
             ]
         records = []
-        for fields, values, vector in parts:
+        for fields, values, vector, head_values in parts:
             record = {**head, "duration_s": result.duration_s, **fields}
             record["labels"] = self._top_labels(values)
             if scores:
-                record["scores"] = {
-                    name: round(float(value), SCORE_DECIMALS)
-                    for name, value in zip(self.label_names, values, strict=True)
-                }
+                record["scores"] = _by_name(self.label_names, values)
+            if self.head is not None:
+                record.update(self._head_fields(head_values, scores))
             if embedding:
                 record["embedding"] = np.asarray(vector, dtype=np.float32).tolist()
             records.append(record)
         return records
+
+    def _head_fields(self, head_scores: np.ndarray, scores: bool) -> dict:
+        """`head_labels`: the head's labels at or above their thresholds, best first, with their
+        scores (and every head score under `head_scores` with --scores)."""
+        (passed,) = self.head.labels(np.asarray(head_scores, dtype=np.float32)[None, :])
+        index = {name: i for i, name in enumerate(self.head.label_names)}
+        fields = {
+            "head_labels": {n: round(float(head_scores[index[n]]), SCORE_DECIMALS) for n in passed}
+        }
+        if scores:
+            fields["head_scores"] = _by_name(self.head.label_names, head_scores)
+        return fields
 
     def _top_labels(self, scores: np.ndarray) -> dict[str, float]:
         top = top_label_ids(np.asarray(scores)[None, :], self.classify.top_k)[0]
         return {self.label_names[i]: round(float(scores[i]), SCORE_DECIMALS) for i in top}
 
 
+def _by_name(names: tuple[str, ...], values: np.ndarray) -> dict[str, float]:
+    return {name: round(float(v), SCORE_DECIMALS) for name, v in zip(names, values, strict=True)}
+
+
 def text_line(record: Mapping) -> str:
     """A record as one line: `NAME: label 0.912, label 0.034` (a window adds its index and time
-    span), or `NAME: cannot label: reason`."""
+    span; a head its labels after `|`), or `NAME: cannot label: reason`."""
     name = f"{record['shard']} {record['key']}" if "shard" in record else record["key"]
     if "error" in record:
         return f"{name}: cannot label: {record['error']}"
     if "window_index" in record:
         name += f" [{record['window_index']}] {record['start_s']:.2f}-{record['end_s']:.2f} s"
     labels = ", ".join(f"{label} {score:.3f}" for label, score in record["labels"].items())
+    if "head_labels" in record:
+        passed = record["head_labels"].items()
+        labels += " | head: " + (", ".join(f"{n} {v:.3f}" for n, v in passed) or "(none)")
     return f"{name}: {labels}"
 
 
@@ -195,6 +229,9 @@ class _FileRows:
                     end_s=float(batch[rows.END_S][row]),
                     scores=batch[rows.SCORES][row].copy(),
                     embedding=batch[rows.EMBEDDING][row].copy(),
+                    head_scores=(
+                        batch[rows.HEAD_SCORES][row].copy() if rows.HEAD_SCORES in batch else None
+                    ),
                 )
             )
 

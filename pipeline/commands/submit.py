@@ -22,12 +22,12 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.cluster import ClusterToken, find_ray_token
 from pipeline.errors import UserError, WorkFailed
 
 if TYPE_CHECKING:
@@ -70,37 +70,6 @@ class CommandError(UserError):
 
 class JobEndedBadly(WorkFailed):
     """The job ran and FAILED or was STOPPED; the message holds the job's own reason."""
-
-
-@dataclass(frozen=True)
-class ClusterToken:
-    value: str
-    source: str  # where it was found, for messages; never the token itself
-
-
-def find_ray_token(environ: Mapping[str, str] = os.environ) -> ClusterToken | None:
-    """The Ray auth token in Ray's order of precedence; None if none or auth is disabled."""
-    if environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return None
-    if value := environ.get("RAY_AUTH_TOKEN", "").strip():
-        return ClusterToken(value, "RAY_AUTH_TOKEN")
-    if token_path := environ.get("RAY_AUTH_TOKEN_PATH"):
-        # Ray treats an unreadable file named here as a misconfiguration, not a reason to fall back.
-        return ClusterToken(_read_token_file(Path(token_path).expanduser()), token_path)
-    default_path = Path.home() / ".ray" / "auth_token"
-    if default_path.is_file():
-        return ClusterToken(_read_token_file(default_path), str(default_path))
-    return None
-
-
-def _read_token_file(path: Path) -> str:
-    try:
-        value = path.read_text().strip()
-    except OSError as error:
-        raise CommandError(f"cannot read the Ray token file {path}: {error.strerror}") from None
-    if not value:
-        raise CommandError(f"the Ray token file {path} is empty")
-    return value
 
 
 def job_entrypoint(job_args: Sequence[str]) -> str:

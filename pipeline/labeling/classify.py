@@ -17,6 +17,7 @@ import torch
 from ast_model.checkpoint import LoadedModel
 from ast_model.labels import scores_from_logits, top_label_ids
 from pipeline import rows
+from pipeline.heads.head import Head
 from pipeline.labeling.transport import fbank_to_torch
 from pipeline.output.schema import OutputSpec
 from pipeline.output.staging import write_staging_parts
@@ -32,9 +33,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Classify:
-    """fbank -> pooled embedding (B, D), label scores (B, C), top-k label ids (B, k)."""
+    """fbank -> pooled embedding (B, D), label scores (B, C), top-k label ids (B, k); with a head,
+    the head's scores (B, H) of the same embedding."""
 
-    def __init__(self, loaded: LoadedModel, settings: ClassifierSettings):
+    def __init__(self, loaded: LoadedModel, settings: ClassifierSettings, head: Head | None = None):
         self.device = resolve_device(settings.device)
         if self.device.type == "cpu" and settings.cpu_threads:
             # Ray pins OMP_NUM_THREADS to the actor's CPU request (1); on a CPU-only machine the
@@ -47,6 +49,7 @@ class Classify:
         self.hidden_size = loaded.config.hidden_size
         self.num_labels = loaded.config.num_labels
         self.top_k = min(settings.top_k, self.num_labels)
+        self.head = head
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fbank = batch.pop(rows.FBANK)  # (B, T, F)
@@ -63,6 +66,10 @@ class Classify:
         batch[rows.EMBEDDING] = embedding
         batch[rows.SCORES] = scores
         batch[rows.TOP_INDEX] = top_label_ids(scores, self.top_k)
+        if self.head is not None:
+            head_scores = np.zeros((count, self.head.num_labels), dtype=np.float32)
+            head_scores[labeled] = self.head.scores(embedding[labeled])
+            batch[rows.HEAD_SCORES] = head_scores
         return batch
 
     @torch.inference_mode()
@@ -85,8 +92,14 @@ class ClassifyAndStage:
     Results never cross a process boundary, and no process is started per write: separate write
     tasks cost a worker start (2 CPU-s of imports) for each burst of parts."""
 
-    def __init__(self, loaded: LoadedModel, settings: ClassifierSettings, spec: OutputSpec):
-        self.classify = Classify(loaded, settings)
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: ClassifierSettings,
+        spec: OutputSpec,
+        head: Head | None = None,
+    ):
+        self.classify = Classify(loaded, settings, head)
         self.spec = spec
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

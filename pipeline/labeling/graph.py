@@ -19,8 +19,10 @@ import numpy as np
 import ray
 
 from pipeline import defaults, rows
+from pipeline.heads.head import Head
 from pipeline.labeling.datasource import WorkUnitSource
 from pipeline.labeling.plan import WorkUnit
+from pipeline.labeling.summary import plural
 from pipeline.output.schema import OutputSpec
 from pipeline.settings import ClassifierSettings, FeatureSettings, LabelingOptions, ReadSettings
 
@@ -82,9 +84,10 @@ class Placement:
 
     def describe(self, options: LabelingOptions) -> str:
         device = "GPU" if self.use_gpu else "CPU"
+        actors = plural(self.classifier_actors, "classifier actor")
         return (
-            f"Ray: {self.cpus} CPUs, {self.gpus} GPUs; {self.classifier_actors} classifier "
-            f"actors on {device}, batches of {options.batch_rows(self.use_gpu)}"
+            f"Ray: {plural(self.cpus, 'CPU')}, {plural(self.gpus, 'GPU')}; {actors} on {device}, "
+            f"batches of {options.batch_rows(self.use_gpu)}"
         )
 
 
@@ -112,11 +115,15 @@ class ClassifierActor:
     actor. Named here so that the driver can hand it to Ray without importing torch."""
 
     def __init__(
-        self, model: ModelInObjectStore, settings: ClassifierSettings, spec: OutputSpec
+        self,
+        model: ModelInObjectStore,
+        settings: ClassifierSettings,
+        spec: OutputSpec,
+        head: Head | None,
     ) -> None:
         from pipeline.labeling.classify import ClassifyAndStage
 
-        self._stage = ClassifyAndStage(model.load(), settings, spec)
+        self._stage = ClassifyAndStage(model.load(), settings, spec, head)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._stage(batch)
@@ -128,6 +135,7 @@ def labeling_graph(
     features: FeatureSettings,
     classifier: ClassifierSettings,
     model: ModelInObjectStore,
+    head: Head | None,
     spec: OutputSpec,
     placement: Placement,
 ) -> ray.data.Dataset:
@@ -140,7 +148,12 @@ def labeling_graph(
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return dataset.map_batches(
             ClassifierActor,
-            fn_constructor_kwargs={"model": model, "settings": classifier, "spec": spec},
+            fn_constructor_kwargs={
+                "model": model,
+                "settings": classifier,
+                "spec": spec,
+                "head": head,
+            },
             batch_size=features.batch_rows,
             batch_format="numpy",
             zero_copy_batch=True,

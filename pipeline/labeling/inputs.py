@@ -48,12 +48,20 @@ class InputError(UserError):
     """A user-caused input problem; the message is one line naming the input and what to do."""
 
 
+class InputNotFound(InputError):
+    """A named input that does not exist."""
+
+
 @dataclass(frozen=True)
 class InputFiles:
-    uris: set[str]  # every input file URI the inputs name
+    uris: set[str]  # every input file URI the inputs name, the missing ones included
     # Files that folders and globs listed but that are not inputs, by reason: hidden names, and
     # the files of ast-label outputs (this run's and earlier ones') lying inside an input folder.
     skipped: dict[str, int] = field(default_factory=dict)
+    # Manifest entries that name no file: still inputs (each becomes an error row saying so), as
+    # a manifest is a list of what should be there; a missing input on the command line is a typo.
+    missing: frozenset[str] = frozenset()
+    sizes: dict[str, int] = field(default_factory=dict)  # URI -> bytes, where listings said
 
 
 def expand_inputs(
@@ -62,21 +70,30 @@ def expand_inputs(
     """Every input file URI that the inputs and the manifest name. `exclude` names folders whose
     files are never inputs (the run's own output). Raises InputError for a missing input, a glob
     or folder with nothing in it, an unreadable manifest, or no inputs at all."""
-    specs = [(spec, "") for spec in inputs]
+    specs = [_Spec(spec) for spec in inputs]
     if manifest is not None:
         where = (
             f" (listed in manifest {manifest}; relative entries are resolved against the "
             "manifest's folder)"
         )
-        specs += [(entry, where) for entry in read_manifest(manifest)]
+        specs += [_Spec(entry, where, listed=True) for entry in read_manifest(manifest)]
     if not specs:
         raise InputError(
             "no inputs given: pass .tar shards, audio files, folders, globs or --manifest FILE"
         )
     skipped: Counter[str] = Counter()
     excluded = tuple(filesystem_for(folder)[1].rstrip("/") for folder in exclude)
-    uris = _expand_specs(specs, _Listing(excluded, skipped))
-    return InputFiles(uris, dict(skipped))
+    missing: set[str] = set()
+    listing = _Listing(excluded, skipped)
+    uris = _expand_specs(specs, listing, missing)
+    return InputFiles(uris | missing, dict(skipped), frozenset(missing), listing.sizes)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    text: str  # a path, URI, glob or brace pattern
+    where: str = ""  # where it came from, for messages: "" (the command line) or the manifest
+    listed: bool = False  # listed in a manifest: a missing file is an input (an error row)
 
 
 def read_manifest(manifest: str) -> list[str]:
@@ -110,8 +127,8 @@ def read_manifest(manifest: str) -> list[str]:
         raise InputError(f"cannot read manifest {manifest}: {error_reason(exc)}") from None
     if not entries:
         raise InputError(f"manifest {manifest} lists no URIs: add one input URI per line")
-    base = _parent_uri(manifest)
-    return [_resolve_relative(entry, base) for entry in entries]
+    base = parent_uri(manifest)
+    return [resolve_relative(entry, base) for entry in entries]
 
 
 def _planning_call(call: Callable[[], T], what: str, not_found: str) -> T:
@@ -122,7 +139,7 @@ def _planning_call(call: Callable[[], T], what: str, not_found: str) -> T:
         return with_retries(call, f"cannot read {what}")
     except StorageError as error:
         if isinstance(error.__cause__, FileNotFoundError):
-            raise InputError(not_found) from None
+            raise InputNotFound(not_found) from None
         if isinstance(error.__cause__, PermissionError):
             raise InputError(
                 f"cannot read {what}: {storage_reason(error.__cause__)}: check the credentials' "
@@ -183,6 +200,13 @@ class _Listing:
 
     excluded: tuple[str, ...]  # folder paths (in their filesystem) whose files are not inputs
     skipped: Counter[str]
+    sizes: dict[str, int] = field(default_factory=dict)  # URI -> bytes, as listed
+
+    def sized(self, fs: fsspec.AbstractFileSystem, path: str, info: dict) -> str:
+        """The file's URI, its size (from its listing entry) noted."""
+        uri = uri_for(fs, path)
+        self.sizes[uri] = int(info.get("size") or 0)
+        return uri
 
     def inputs(self, root: str, paths: Iterable[str]) -> list[str]:
         """The paths (files under `root`) that are inputs; the others are counted as skipped."""
@@ -201,24 +225,30 @@ class _Listing:
         return found
 
 
-def _expand_specs(specs: Sequence[tuple[str, str]], listing: _Listing) -> set[str]:
-    """All input file URIs named by the specs (each with a note on where it came from)."""
+def _expand_specs(specs: Sequence[_Spec], listing: _Listing, missing: set[str]) -> set[str]:
+    """All input file URIs named by the specs; manifest entries that name no file go to
+    `missing`."""
     uris: set[str] = set()
-    named: list[tuple[fsspec.AbstractFileSystem, str, str, str]] = []
-    for spec, where in specs:
-        spec = spec.strip()
-        if not spec:
+    named: list[tuple[fsspec.AbstractFileSystem, str, str, _Spec]] = []
+    for spec in specs:
+        text = spec.text.strip()
+        if not text:
             continue
-        for pattern in expand_braces(spec):
+        for pattern in expand_braces(text):
             fs, path = filesystem_for(pattern)
             if _is_glob(pattern):
-                uris.update(_expand_glob(fs, path, pattern, where, listing))
+                uris.update(_expand_glob(fs, path, pattern, spec.where, listing))
             else:
-                named.append((fs, path, pattern, where))
+                named.append((fs, path, pattern, spec))
     listings = _shared_folder_listings([(fs, path) for fs, path, _, _ in named])
-    for fs, path, pattern, where in named:
+    for fs, path, pattern, spec in named:
         info = listings.get((fs, posixpath.dirname(path)), {}).get(path)
-        uris.update(_expand_named(fs, path, pattern, where, listing, info))
+        try:
+            uris.update(_expand_named(fs, path, pattern, spec.where, listing, info))
+        except InputNotFound:
+            if not spec.listed:
+                raise
+            missing.add(uri_for(fs, path))
     return uris
 
 
@@ -259,7 +289,7 @@ def _expand_named(
         if not found:
             raise InputError(f"no files to label under {pattern}{where}{_skip_note(listing)}")
         return found
-    return [uri_for(fs, path)]  # named explicitly: an input whatever its name
+    return [listing.sized(fs, path, info)]  # named explicitly: an input whatever its name
 
 
 def _expand_glob(
@@ -281,15 +311,17 @@ def _expand_glob(
         raise InputError(f"invalid glob {pattern}{where}: {matches}")
     # Hidden names are skipped below the pattern's literal folder, as in a folder listing.
     literal_root = posixpath.dirname(re.split(r"[*?]", path, maxsplit=1)[0])
-    files: list[str] = []
+    files: dict[str, dict] = {}
     found: list[str] = []
     for match, info in sorted(matches.items()):
         if info.get("type") != "directory":
-            files.append(match)
+            files[match] = info
         elif "**" not in path and not _is_hidden_below(literal_root, match):
             # "data/*" matching sub-folders means their contents; "**" has already listed them.
             found += _list_folder(fs, match, listing)
-    found += [uri_for(fs, match) for match in listing.inputs(literal_root, files)]
+    found += [
+        listing.sized(fs, match, files[match]) for match in listing.inputs(literal_root, files)
+    ]
     if not found:
         raise InputError(
             f"no files to label match {pattern}{where}{_skip_note(listing)}: check the pattern"
@@ -304,8 +336,8 @@ def _list_folder(fs: fsspec.AbstractFileSystem, folder: str, listing: _Listing) 
         f"the folder {folder}",
         not_found=f"input not found: {folder}: check the path, bucket and key",
     )
-    files = [path for path, info in sorted(found.items()) if info.get("type") == "file"]
-    return [uri_for(fs, path) for path in listing.inputs(folder, files)]
+    files = {path: info for path, info in sorted(found.items()) if info.get("type") == "file"}
+    return [listing.sized(fs, path, files[path]) for path in listing.inputs(folder, files)]
 
 
 def _skip_note(listing: _Listing) -> str:
@@ -361,14 +393,14 @@ def _parquet_manifest_entries(data: bytes, manifest: str) -> list[str]:
     return [value.strip() for value in column.to_pylist() if value and value.strip()]
 
 
-def _parent_uri(uri: str) -> str:
+def parent_uri(uri: str) -> str:
     if is_local(uri):
         _, path = filesystem_for(uri)
         return os.path.dirname(path)
     return uri.rstrip("/").rsplit("/", 1)[0]
 
 
-def _resolve_relative(entry: str, base: str) -> str:
+def resolve_relative(entry: str, base: str) -> str:
     if "://" in entry or os.path.isabs(entry) or entry.startswith("~"):
         return entry
     if is_local(base):

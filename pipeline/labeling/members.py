@@ -11,7 +11,7 @@ import itertools
 import tarfile
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -26,6 +26,8 @@ from pipeline.storage import (
 )
 
 METADATA_EXTENSION = "json"
+# The error row of a manifest entry that named no file when the run was planned.
+MISSING = "not found: the manifest lists it, but there was no such file when the run started"
 _AUDIO_SUFFIXES = " ".join(f".{extension}" for extension in AUDIO_EXTENSIONS)
 _SPECIAL_MEMBER_KINDS = {
     tarfile.SYMTYPE: "symlink",
@@ -70,10 +72,14 @@ def read_unit_members(unit: WorkUnit, max_member_bytes: int) -> Iterator[Member]
     """Streams a unit's samples: exactly one Member per sample, file, unsafe tar member or
     unreadable shard. Never raises for bad data; raises StorageError when the store fails after
     the retries. Tar shards are never extracted to disk nor read into memory whole."""
+    missing = frozenset(unit.missing)
     if unit.kind == "tar":
+        if missing:
+            yield Member(key="", error=MISSING)
+            return
         yield from _read_tar(unit.sources[0], max_member_bytes)
     elif unit.kind == "files":
-        yield from _read_files(unit.sources, max_member_bytes)
+        yield from _read_files(unit.sources, max_member_bytes, missing)
     else:
         raise ValueError(f"unknown work unit kind {unit.kind!r}")
 
@@ -269,20 +275,28 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
     return data
 
 
-def _read_files(uris: Sequence[str], max_member_bytes: int) -> Iterator[Member]:
-    """One Member per file, in order, with a few reads in flight (object-store latency)."""
+def _read_files(
+    uris: Sequence[str], max_member_bytes: int, missing: frozenset[str]
+) -> Iterator[Member]:
+    """One Member per file, in order, with a few reads in flight (object-store latency); the
+    `missing` ones (listed in a manifest, not there at planning) are error rows without a read."""
     pending_uris = iter(uris)
     pool = ThreadPoolExecutor(max_workers=_FILE_PREFETCH)
+
+    def fetch(uri: str) -> Future[Member]:
+        if uri in missing:
+            done: Future[Member] = Future()
+            done.set_result(Member(key=uri, error=MISSING))
+            return done
+        return pool.submit(_read_file, uri, max_member_bytes)
+
     try:
-        in_flight = deque(
-            pool.submit(_read_file, uri, max_member_bytes)
-            for uri in itertools.islice(pending_uris, _FILE_PREFETCH)
-        )
+        in_flight = deque(fetch(uri) for uri in itertools.islice(pending_uris, _FILE_PREFETCH))
         while in_flight:
             member = in_flight.popleft().result()
             following = next(pending_uris, None)
             if following is not None:
-                in_flight.append(pool.submit(_read_file, following, max_member_bytes))
+                in_flight.append(fetch(following))
             yield member
     finally:
         # A StorageError (or a consumer that stops) ends the unit: fetch no more, and do not wait

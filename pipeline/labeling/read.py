@@ -75,6 +75,7 @@ class ReadStage:
         """One file -> its windows' rows and waveforms, or one error row with the reason."""
         row = rows.empty_row(unit.unit_id, unit.shard, member.key)
         row[rows.METADATA] = member.metadata or ""
+        row[rows.SOURCE_BYTES] = len(member.audio) if member.audio is not None else 0
         if member.error is not None:
             row[rows.ERROR] = member.error
             yield row, None
@@ -90,6 +91,8 @@ class ReadStage:
         fbank = self.features.fbank
         for window in cut_windows(decoded.waveform, self.read.window_s, self.read.hop_s):
             window_row = dict(row)
+            if window.index:  # the file's bytes count once, on its first window
+                window_row[rows.SOURCE_BYTES] = 0
             window_row[rows.WINDOW_INDEX] = window.index
             window_row[rows.START_S] = window.start_s
             window_row[rows.END_S] = min(window.end_s, decoded.duration_s)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
@@ -25,14 +25,18 @@ import ray
 from ast_model.checkpoint_files import CheckpointFiles, read_checkpoint
 from ast_model.config import FbankConfig
 from pipeline.cluster import init_ray
+from pipeline.errors import Interrupted
+from pipeline.heads.head import Head, load_head
 from pipeline.labeling.graph import ModelInObjectStore, Placement, labeling_graph
-from pipeline.labeling.plan import WorkUnit, plan_work_units
-from pipeline.labeling.summary import RunSummary, summarise
-from pipeline.output.commit import CommitListener, CommitOutcome, Committer
+from pipeline.labeling.inputs import expand_inputs
+from pipeline.labeling.plan import Plan, group_work_units, input_kind
+from pipeline.labeling.summary import RunSummary, plural, summarise
+from pipeline.output.commit import CommitListener, CommitOutcome, CommittedUnit, Committer
 from pipeline.output.index import write_index
 from pipeline.output.layout import (
     OutputLocation,
     check_output_writable,
+    write_head_labels_table,
     write_labels_table,
     write_stats,
     write_summary,
@@ -44,106 +48,166 @@ from pipeline.storage import StorageError
 
 
 class RunProgress(CommitListener, Protocol):
-    """What the progress display hears of a run, beyond the commits."""
+    """The progress display: the phase a run is in, then what its units do (CommitListener)."""
+
+    def phase(self, text: str) -> None: ...
+
+    def start_labeling(
+        self, units: int, tar_shards: bool, files: int | None, input_bytes: int
+    ) -> None: ...
 
     def finish(self) -> None: ...
+
+
+class NoProgress:
+    """A RunProgress that shows nothing (library use, tests)."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
 
 
 def run_labeling(
     config: RunConfig,
     echo: Callable[[str], None] = print,
-    progress: Callable[[int], RunProgress] | None = None,
+    progress: RunProgress | None = None,
 ) -> RunSummary:
-    """Labels the config's inputs into its output. `echo` takes one-line messages; `progress`
-    makes the progress display for a number of units (None: none)."""
+    """Labels the inputs that the output does not hold yet. `echo` takes one-line messages;
+    `progress` shows where the run is."""
     started = time.monotonic()
+    progress = progress or NoProgress()
     # Everything a user can get wrong is checked here, on the driver, before any Ray work starts.
     config.check()
+    progress.phase("planning the inputs")
+    found = expand_inputs(config.inputs, config.manifest, exclude=(config.output,))
+    progress.phase(f"checking the model ({plural(len(found.uris), 'input')})")
     checkpoint = read_checkpoint(config.options.model)  # every weight checked; torch not loaded
+    head = _checked_head(config.options.head, checkpoint)
     fbank = config.options.fbank_config(checkpoint.config)
     read = config.options.read_settings(fbank)
-    plan = plan_work_units(
-        config.inputs, config.manifest, config.files_per_unit, exclude=(config.output,)
-    )
+    progress.phase("checking the output")
     location = OutputLocation.of(config.output)
-    spec = output_spec(location, config, checkpoint, fbank, read)
+    spec = output_spec(location, config, checkpoint, head, fbank, read)
     check_output_writable(location)
-    planned = [(unit.unit_id, unit.sources) for unit in plan.units]
-    resume = check_resume(location, planned, spec.model_fingerprint, config.overwrite)
+    resume = check_resume(location, spec, config.overwrite)
+    plan = group_work_units(found, config.files_per_unit, labeled=resume.sources)
     write_labels_table(location, spec.label_names)
-    todo = [unit for unit in plan.units if unit.unit_id not in resume.committed]
-    echo(
-        f"{len(plan.units)} work units: {len(plan.units) - len(todo)} already committed, "
-        f"{len(todo)} to label -> {config.output}"
-    )
+    if head is not None:
+        write_head_labels_table(location, head.label_names, head.thresholds.tolist())
+    gone = len(resume.sources - plan.inputs)
+    echo(_plan_line(plan, gone, config.output))
 
-    committed, outcome = resume.units, CommitOutcome({}, {})
-    if todo:
-        outcome = _label_units(todo, config, checkpoint, fbank, read, spec, echo, progress)
+    committed, outcome = dict(resume.units), CommitOutcome({}, {})
+    if plan.units:
+        outcome = _label_units(plan, config, checkpoint, head, fbank, read, spec, echo, progress)
         committed.update(outcome.committed)
         # Only a run that labeled units writes the index here. A rerun with nothing to label
         # reads each marker newer than the index; read_commit_markers rewrites the index itself
         # when more than INDEX_REFRESH_AFTER are, so a failed write costs a rerun that at most.
         _best_effort(echo, "the markers' index", write_index, location, committed.values())
-    summary = summarise(config.output, plan.units, todo, committed, time.monotonic() - started)
+    progress.finish()
+    labeled_now = {unit.unit_id for unit in plan.units}
+    wall_s = time.monotonic() - started
+    summary = summarise(config.output, sorted(committed), labeled_now, committed, wall_s)
     summary.units_failed = outcome.failed
     summary.inputs_skipped = plan.skipped
+    summary.inputs, summary.tar_inputs = len(plan.inputs), _all_tar_shards(plan.inputs)
+    summary.already_labeled, summary.new_inputs, summary.gone = (
+        plan.already_labeled,
+        plan.new_inputs,
+        gone,
+    )
     _best_effort(echo, "summary.json", write_summary, location, summary.to_dict())
     return summary
 
 
+def _plan_line(plan: Plan, gone: int, output: str) -> str:
+    inputs = "tar shard" if _all_tar_shards(plan.inputs) else "input"
+    units = plural(len(plan.units), "work unit")
+    said = f"{plural(len(plan.inputs), inputs)}: {plan.already_labeled} labeled already, "
+    said += f"{plan.new_inputs} new ({units} to label)"
+    if gone:
+        said += f", {gone} no longer in the input (their rows stay)"
+    return f"{said} -> {output}"
+
+
+def _all_tar_shards(inputs: frozenset[str]) -> bool:
+    return bool(inputs) and all(input_kind(uri) == "tar" for uri in inputs)
+
+
 def _label_units(
-    units: list[WorkUnit],
+    plan: Plan,
     config: RunConfig,
     checkpoint: CheckpointFiles,
+    head: Head | None,
     fbank: FbankConfig,
     read: ReadSettings,
     spec: OutputSpec,
     echo: Callable[[str], None],
-    make_progress: Callable[[int], RunProgress] | None,
+    progress: RunProgress,
 ) -> CommitOutcome:
     """read -> classify -> commit on Ray: every unit ends committed, or failed with a reason."""
+    progress.phase("starting Ray")
     init_ray(config.address, verbose=config.verbose)
     options = config.options
     placement = Placement.for_resources(
         ray.cluster_resources(), options.device, config.classifier_actors, bool(config.address)
     )
     echo(placement.describe(options))
+    progress.phase("loading the model")
     dataset = labeling_graph(
-        units,
+        plan.units,
         read,
         options.feature_settings(fbank, placement.use_gpu),
         options.classifier_settings(placement.use_gpu, placement.cpu_threads),
         ModelInObjectStore(ray.put(checkpoint)),
+        head,
         spec,
         placement,
     )
-    progress = make_progress(len(units)) if make_progress else None
+    files = sum(len(unit.sources) for unit in plan.units if unit.kind == "files")
+    tar_shards = all(unit.kind == "tar" for unit in plan.units)
+    progress.start_labeling(
+        len(plan.units), tar_shards, None if tar_shards else files, plan.input_bytes
+    )
     committer = Committer(
         spec,
-        {unit.unit_id: unit.sources for unit in units},
+        {unit.unit_id: unit.sources for unit in plan.units},
         placement.commits_in_flight,
         listener=progress,
         in_driver=not placement.on_cluster,
     )
-    outcome = committer.run(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        outcome = committer.run(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    except KeyboardInterrupt:
+        progress.finish()
+        raise Interrupted(interrupted(committer.committed, len(plan.units), "labeled")) from None
     with contextlib.suppress(Exception):  # diagnostics only: never fail a finished run over them
         write_stats(spec.location, dataset.stats())
-    if progress:
-        progress.finish()
     return outcome
+
+
+def _checked_head(uri: str | None, checkpoint: CheckpointFiles) -> Head | None:
+    """The --head, loaded and checked against the model (HeadError: trained on another one)."""
+    if uri is None:
+        return None
+    head = load_head(uri)
+    where = f"model {checkpoint.name}"
+    head.check_base(checkpoint.weights_sha256, checkpoint.config.hidden_size, where)
+    return head
 
 
 def output_spec(
     location: OutputLocation,
     config: RunConfig,
     checkpoint: CheckpointFiles,
+    head: Head | None,
     fbank: FbankConfig,
     read: ReadSettings,
 ) -> OutputSpec:
-    """The run's output description: everything in it but the model's name and the package
-    version decides the rows' numbers (its fingerprint must match to resume)."""
+    """The run's output description: everything in it but the model's and head's paths and the
+    package version decides the rows' numbers (its fingerprint must match to resume)."""
     model = checkpoint.config
+    with_head = {"head": head.describe(), "head_name": head.name} if head is not None else {}
     return OutputSpec(
         location=location,
         run_id=uuid.uuid4().hex[:12],
@@ -159,7 +223,18 @@ def output_spec(
             "window_s": read.window_s,
             "hop_s": read.hop_s,
             "top_k": config.options.top_k,
+            **with_head,
         },
+    )
+
+
+def interrupted(committed: Mapping[str, CommittedUnit], units: int, done: str) -> str:
+    """What an interrupted run kept, and how to go on."""
+    files = sum(unit.files for unit in committed.values())
+    return (
+        f"interrupted: {len(committed)} of {plural(units, 'work unit')} {done} and committed "
+        f"({plural(files, 'file')}) are kept, the rest is not in the output yet; run the same "
+        "command again to go on from there"
     )
 
 

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from pipeline import rows
 from pipeline.output.layout import OutputLocation, check_name, unit_file_name
 from pipeline.output.schema import OutputSpec
+from pipeline.output.staging import COUNT_COLUMNS
 from pipeline.storage import (
     StorageError,
     delete_if_empty,
@@ -60,6 +61,25 @@ class StagedUnit:
     unit_id: str
     part_uris: tuple[str, ...]
     rows: int
+
+
+@dataclass(frozen=True)
+class StagedCounts:
+    """What staged rows hold (staging.COUNT_COLUMNS, in that order): the progress display adds
+    them up."""
+
+    files: int = 0
+    windows: int = 0
+    errors: int = 0
+    audio_s: float = 0.0
+    source_bytes: int = 0
+
+    @classmethod
+    def of(cls, records: rows.Batch) -> StagedCounts:
+        return cls(*(records[name].sum().item() for name in COUNT_COLUMNS))
+
+    def __add__(self, other: StagedCounts) -> StagedCounts:
+        return StagedCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass
@@ -149,9 +169,8 @@ def commit_unit(spec: OutputSpec, unit: StagedUnit, sources: Sequence[str]) -> d
     """
     check_name("unit id", unit.unit_id)
     location = spec.location
-    fs = location.fs
     part_paths = [filesystem_for(uri)[1] for uri in unit.part_uris]
-    blobs = read_files(fs, part_paths, f"cannot read staged parts of {unit.unit_id}")
+    blobs = read_files(location.fs, part_paths, f"cannot read staged parts of {unit.unit_id}")
     tables = [pq.read_table(pa.BufferReader(blob)) for blob in blobs]
     table = pa.concat_tables(tables) if tables else spec.schema.empty_table()
     if table.num_rows != unit.rows:
@@ -160,15 +179,29 @@ def commit_unit(spec: OutputSpec, unit: StagedUnit, sources: Sequence[str]) -> d
         )
     if not table.schema.equals(spec.schema, check_metadata=False):
         raise RuntimeError(f"unit {unit.unit_id}: staged parts do not have this run's schema")
-    table = _sorted(table).replace_schema_metadata(spec.schema.metadata)
+    marker = commit_table(spec, unit.unit_id, sources, _sorted(table))
+    # Best effort: a rerun removes staging of committed units that a failure here left behind.
+    with contextlib.suppress(Exception):
+        delete_path_once(location.fs, location.staging(unit.unit_id))
+    return marker
 
-    data = spec.parquet_bytes(table)
-    unit_file = location.unit_file(unit.unit_id)
+
+def commit_table(
+    spec: OutputSpec, unit_id: str, sources: Sequence[str], table: pa.Table
+) -> dict[str, Any]:
+    """Writes a whole unit's rows (in the spec's schema, sorted) as OUT/<unit_id>.parquet in one
+    atomic step, then its marker: the commit point. Returns the marker; StorageError when the
+    store fails after the retries (the unit then stays uncommitted, its file taken away)."""
+    check_name("unit id", unit_id)
+    location = spec.location
+    fs = location.fs
+    data = spec.parquet_bytes(table.replace_schema_metadata(spec.schema.metadata))
+    unit_file = location.unit_file(unit_id)
     marker = {
         "version": MARKER_VERSION,
-        "unit_id": unit.unit_id,
+        "unit_id": unit_id,
         "sources": list(sources),
-        "file": unit_file_name(unit.unit_id),
+        "file": unit_file_name(unit_id),
         "bytes": len(data),
         **_unit_counts(table),
         "model_fingerprint": spec.model_fingerprint,
@@ -178,7 +211,7 @@ def commit_unit(spec: OutputSpec, unit: StagedUnit, sources: Sequence[str]) -> d
     try:
         put_file(fs, unit_file, data)
         marker_bytes = json.dumps(marker, indent=2, sort_keys=True).encode()
-        put_file(fs, location.marker(unit.unit_id), marker_bytes)
+        put_file(fs, location.marker(unit_id), marker_bytes)
     except StorageError:
         # A write reported failed may have happened (its answer lost): take the unit file away
         # again, so that readers do not see rows of a unit the run reports as not committed. A
@@ -186,9 +219,6 @@ def commit_unit(spec: OutputSpec, unit: StagedUnit, sources: Sequence[str]) -> d
         with contextlib.suppress(Exception):
             delete_path_once(fs, unit_file)
         raise
-    # Best effort: a rerun removes staging of committed units that a failure here left behind.
-    with contextlib.suppress(Exception):
-        delete_path_once(fs, location.staging(unit.unit_id))
     return marker
 
 
@@ -287,6 +317,8 @@ _NO_REASONS: Mapping[str, int] = MappingProxyType({})
 class CommitListener(Protocol):
     """Told of every outcome as it happens (the progress display)."""
 
+    def rows_staged(self, counts: StagedCounts) -> None: ...
+
     def unit_committed(self, unit: CommittedUnit) -> None: ...
 
     def unit_failed(self, unit_id: str, reason: str) -> None: ...
@@ -340,6 +372,8 @@ class Committer:
         ledger = StagingLedger()
         try:
             for records in record_batches:
+                if self.listener:
+                    self.listener.rows_staged(StagedCounts.of(records))
                 for unit in ledger.add(records):
                     self._submit(unit)
                 for unit_id, reason in ledger.new_failures():

@@ -7,6 +7,7 @@ Under the output URI OUT:
     OUT/.ast-label/staging/<unit_id>/<run>-<uuid>.parquet   parts the classifier actors staged
     OUT/.ast-label/index.jsonl.gz             every marker of the output, in one file (a cache)
     OUT/.ast-label/labels.csv                 index,name of every label: for SQL queries
+    OUT/.ast-label/head-labels.csv            with a head: index,name,threshold of its labels
     OUT/.ast-label/summary.json               the last run's summary
     OUT/.ast-label/ray-data-stats.txt         the last run's per-stage times (Ray Data)
 
@@ -52,6 +53,8 @@ SUMMARY_NAME = f"{META_DIR}/summary.json"
 STATS_NAME = f"{META_DIR}/ray-data-stats.txt"
 # `index,name`, one row per label in score order (index 0-based; SQL lists are 1-based).
 LABELS_TABLE_NAME = f"{META_DIR}/labels.csv"
+# `index,name,threshold`, one row per label of the output's head in head_scores order.
+HEAD_LABELS_TABLE_NAME = f"{META_DIR}/head-labels.csv"
 
 # Unit ids become file names; a leading "_" or "." would hide the final file from readers.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -120,12 +123,20 @@ def check_name(what: str, name: str) -> None:
 # --- the files that describe an output ---------------------------------------------------------
 
 
-def labels_table_csv(label_names: Sequence[str]) -> bytes:
-    """`index,name` CSV, one row per label in score order; names quoted where CSV needs it."""
+def labels_table_csv(label_names: Sequence[str], thresholds: Sequence[float] = ()) -> bytes:
+    """`index,name` CSV (and `threshold` when given), one row per label in score order; names
+    quoted where CSV needs it."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["index", "name"])
-    writer.writerows(enumerate(label_names))
+    if thresholds:
+        writer.writerow(["index", "name", "threshold"])
+        writer.writerows(
+            (i, name, f"{t:.6g}")
+            for i, (name, t) in enumerate(zip(label_names, thresholds, strict=True))
+        )
+    else:
+        writer.writerow(["index", "name"])
+        writer.writerows(enumerate(label_names))
     return text.getvalue().encode()
 
 
@@ -134,6 +145,15 @@ def write_labels_table(location: OutputLocation, label_names: Sequence[str]) -> 
     can find a label's index in `scores` by name (`scores[index + 1]` in SQL). Returns its URI."""
     location.put(LABELS_TABLE_NAME, labels_table_csv(label_names))
     return location.uri_of(LABELS_TABLE_NAME)
+
+
+def write_head_labels_table(
+    location: OutputLocation, label_names: Sequence[str], thresholds: Sequence[float]
+) -> str:
+    """Writes OUT/.ast-label/head-labels.csv: the head's labels in `head_scores` order with their
+    thresholds (`head_scores[index + 1] >= threshold` in SQL is `head_labels`' rule)."""
+    location.put(HEAD_LABELS_TABLE_NAME, labels_table_csv(label_names, thresholds))
+    return location.uri_of(HEAD_LABELS_TABLE_NAME)
 
 
 def write_summary(location: OutputLocation, summary: Mapping[str, Any]) -> None:

@@ -40,7 +40,7 @@ class UnreadableOutput(UserError):
 @dataclass(frozen=True)
 class CommittedFiles:
     files: dict[str, str]  # unit id -> the unit file's path (in the output's filesystem)
-    uncommitted: int  # unit files at the top without a commit marker (left out)
+    uncommitted: dict[str, str]  # the same of unit files without a commit marker (left out)
     exists: bool  # whether the location exists at all
     has_meta: bool  # whether the output has its .ast-label folder
 
@@ -68,7 +68,8 @@ def committed_unit_files(
         committed = {unit: path for unit, path in unit_files.items() if unit in markers}
     else:  # copied without its .ast-label folder: every file at the top is a unit file
         committed = dict(unit_files)
-    return CommittedFiles(committed, len(unit_files) - len(committed), exists, has_meta)
+    uncommitted = {unit: path for unit, path in unit_files.items() if unit not in committed}
+    return CommittedFiles(committed, uncommitted, exists, has_meta)
 
 
 def _exists(fs, path: str) -> bool:
@@ -140,9 +141,16 @@ def open_output(uri: str) -> CommittedOutput:
             )
         raise UnreadableOutput(f"{uri} is not an ast-label output: no *.parquet files at its top")
     files = tuple(sorted(listing.files.values()))
-    output = CommittedOutput(uri, location, files, {}, listing.uncommitted)
+    left_out = len(listing.uncommitted)
+    output = CommittedOutput(uri, location, files, {}, left_out)
     schema, metadata = _file_metadata(output, files[0])
-    return CommittedOutput(uri, location, files, metadata, listing.uncommitted, schema)
+    return CommittedOutput(uri, location, files, metadata, left_out, schema)
+
+
+def unit_file_metadata(location: OutputLocation, path: str) -> dict[str, Any]:
+    """The ast_label metadata of one unit file (what the run that wrote it recorded)."""
+    output = CommittedOutput(location.uri, location, (path,), {})
+    return _file_metadata(output, path)[1]
 
 
 def _file_metadata(output: CommittedOutput, path: str) -> tuple[pa.Schema, dict[str, Any]]:

@@ -21,18 +21,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import rows
+from pipeline.heads.head import labels_at_thresholds
 from pipeline.output.layout import METADATA_KEY, OutputLocation, check_name
 
 # file_metadata entries that do not change a row's numbers, left out of the default fingerprint:
-# the same weights read from another path, or a new package release, may resume an output.
-FINGERPRINT_IGNORES = ("model", "package_version")
+# the same weights (or head) read from another path, or a new package release, may resume an
+# output.
+FINGERPRINT_IGNORES = ("model", "head_name", "package_version")
 # Row groups of about 64 MiB: the pyarrow default (1 Mi rows) would make a 768-dim shard a single
 # multi-GB group that readers must hold at once.
 ROW_GROUP_BYTES = 64 * 2**20
 
 
-def output_schema(hidden_size: int, num_labels: int) -> pa.Schema:
-    """The columns of every output file, in order. Error rows hold null vectors and top lists."""
+HEAD_COLUMNS = ("head_scores", "head_labels")
+
+
+def output_schema(hidden_size: int, num_labels: int, head_labels: int = 0) -> pa.Schema:
+    """The columns of every output file, in order; with a head of `head_labels` classes, its
+    columns beside the base model's. Error rows hold null vectors and label lists."""
+    head = [
+        pa.field("head_scores", pa.list_(pa.float32(), head_labels)),
+        pa.field("head_labels", pa.list_(pa.string())),
+    ]
     return pa.schema(
         [
             pa.field("shard", pa.string()),
@@ -46,6 +56,7 @@ def output_schema(hidden_size: int, num_labels: int) -> pa.Schema:
             pa.field("scores", pa.list_(pa.float32(), num_labels)),
             pa.field("top_labels", pa.list_(pa.string())),
             pa.field("top_scores", pa.list_(pa.float32())),
+            *(head if head_labels else []),
             pa.field("metadata", pa.string()),
             pa.field("error", pa.string()),
         ]
@@ -67,7 +78,8 @@ class OutputSpec:
     run_id: str
     hidden_size: int
     num_labels: int
-    # model name, weights sha256, label names, feature and window settings, package version
+    # model name, weights sha256, label names, feature and window settings, package version, and
+    # with a head its description (heads.head.Head.describe: sha256, label names, thresholds)
     file_metadata: dict[str, Any] = field(default_factory=dict)
     # "" -> fingerprint(file_metadata without FINGERPRINT_IGNORES)
     model_fingerprint: str = ""
@@ -83,15 +95,24 @@ class OutputSpec:
         """output_schema with the file metadata (JSON under METADATA_KEY) attached."""
         described = {**self.file_metadata, "model_fingerprint": self.model_fingerprint}
         text = json.dumps(described, sort_keys=True, default=str)
-        return output_schema(self.hidden_size, self.num_labels).with_metadata({METADATA_KEY: text})
+        schema = output_schema(self.hidden_size, self.num_labels, len(self.head_label_names))
+        return schema.with_metadata({METADATA_KEY: text})
 
     @property
     def label_names(self) -> tuple[str, ...]:
         return tuple(self.file_metadata.get("label_names", ()))
 
+    @property
+    def head_label_names(self) -> tuple[str, ...]:
+        return tuple((self.file_metadata.get("head") or {}).get("label_names", ()))
+
+    @property
+    def head_thresholds(self) -> np.ndarray:
+        return np.asarray((self.file_metadata.get("head") or {}).get("thresholds", ()), np.float32)
+
     def parquet_bytes(self, table: pa.Table) -> bytes:
         """A unit file's or staged part's bytes: zstd, row groups of about ROW_GROUP_BYTES."""
-        row_bytes = 4 * (self.hidden_size + self.num_labels) + 256
+        row_bytes = 4 * (self.hidden_size + self.num_labels + len(self.head_label_names)) + 256
         buffer = io.BytesIO()
         pq.write_table(
             table,
@@ -106,8 +127,9 @@ def rows_to_table(batch: rows.Batch, spec: OutputSpec) -> pa.Table:
     """A batch of classified rows (see pipeline.rows) -> a table with exactly the output schema.
 
     `embedding` (B, D) and `scores` (B, C) are float32; the top lists come from `top_index` (B, k)
-    and the spec's label names. Rows whose `error` is set get null vectors and top lists (the
-    classifier leaves zeros there). Columns the output does not hold (unit_id, ...) are ignored.
+    and the spec's label names; with a head, `head_scores` (B, H) and the head's labels at their
+    thresholds. Rows whose `error` is set get null vectors and label lists (the classifier leaves
+    zeros there). Columns the output does not hold (unit_id, ...) are ignored.
     """
     error = optional_strings(batch[rows.ERROR])
     failed = np.asarray(error.is_valid().to_numpy(zero_copy_only=False), dtype=bool)  # (B,)
@@ -128,10 +150,28 @@ def rows_to_table(batch: rows.Batch, spec: OutputSpec) -> pa.Table:
         "scores": vector_column(scores, failed),
         "top_labels": _rows_of(names[top_index], pa.string(), failed),
         "top_scores": _rows_of(np.take_along_axis(scores, top_index, axis=1), pa.float32(), failed),
-        "metadata": optional_strings(batch[rows.METADATA]),
-        "error": error,
     }
+    if spec.head_label_names:
+        head_scores = _matrix(batch, rows.HEAD_SCORES, len(spec.head_label_names))  # (B, H)
+        columns.update(head_columns(head_scores, failed, spec))
+    columns["metadata"] = optional_strings(batch[rows.METADATA])
+    columns["error"] = error
     return pa.Table.from_arrays(list(columns.values()), schema=spec.schema)
+
+
+def head_columns(
+    head_scores: np.ndarray, null: np.ndarray, spec: OutputSpec
+) -> dict[str, pa.Array]:
+    """(B, H) head scores -> the head's two columns: the scores, and each row's labels at or above
+    their thresholds, best first; rows where `null` is set null in both."""
+    labels = labels_at_thresholds(head_scores, spec.head_thresholds, spec.head_label_names)
+    return {
+        "head_scores": vector_column(head_scores, null),
+        "head_labels": pa.array(
+            [None if skip else names for names, skip in zip(labels, null, strict=True)],
+            type=pa.list_(pa.string()),
+        ),
+    }
 
 
 def optional_strings(values: Sequence) -> pa.Array:

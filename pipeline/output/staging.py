@@ -22,7 +22,11 @@ from pipeline.storage import StorageError
 #   rows          rows of the unit in this batch
 #   unit_rows     the unit's total row count when this batch holds the row that carries it, else 0
 #   unit_failure  why the unit must not commit (storage, not data), else ""
-RECORD_COLUMNS = ("unit_id", "part_uri", "rows", "unit_rows", rows.UNIT_FAILURE)
+#   files, windows, errors, audio_s, source_bytes   what the batch's rows of the unit hold: files
+#                 started (their first rows), labeled windows, error rows, the labeled files'
+#                 audio seconds and input bytes; the progress display counts them as they come
+COUNT_COLUMNS = ("files", "windows", "errors", "audio_s", "source_bytes")
+RECORD_COLUMNS = ("unit_id", "part_uri", "rows", "unit_rows", rows.UNIT_FAILURE, *COUNT_COLUMNS)
 
 
 def write_staging_parts(batch: rows.Batch, spec: OutputSpec) -> dict[str, np.ndarray]:
@@ -40,6 +44,7 @@ def write_staging_parts(batch: rows.Batch, spec: OutputSpec) -> dict[str, np.nda
         table = rows_to_table({name: values[labeled] for name, values in batch.items()}, spec)
     table_row = np.cumsum(labeled) - 1  # batch row -> its row in `table`
     location = spec.location
+    counts = _row_counts(batch, labeled)  # name -> (B,)
     records: dict[str, list] = {name: [] for name in RECORD_COLUMNS}
     for group, unit_id in enumerate(ids):
         check_name("unit id", unit_id)
@@ -58,10 +63,27 @@ def write_staging_parts(batch: rows.Batch, spec: OutputSpec) -> dict[str, np.nda
         records["rows"].append(len(in_unit))
         records["unit_rows"].append(int(unit_rows[in_unit].max()))
         records[rows.UNIT_FAILURE].append(failure)
+        for name, values in counts.items():
+            records[name].append(values[in_unit].sum())
     return {
         "unit_id": np.array(records["unit_id"], dtype=object),
         "part_uri": np.array(records["part_uri"], dtype=object),
         "rows": np.array(records["rows"], dtype=np.int64),
         "unit_rows": np.array(records["unit_rows"], dtype=np.int64),
         rows.UNIT_FAILURE: np.array(records[rows.UNIT_FAILURE], dtype=object),
+        **{name: np.array(records[name], dtype=counts[name].dtype) for name in COUNT_COLUMNS},
+    }
+
+
+def _row_counts(batch: rows.Batch, labeled: np.ndarray) -> dict[str, np.ndarray]:
+    """Per row (B,): what it adds to each of COUNT_COLUMNS; unit-failure rows add nothing."""
+    error = np.array([bool(reason) for reason in batch[rows.ERROR]], dtype=bool)
+    first = (np.asarray(batch[rows.WINDOW_INDEX]) == 0) & labeled
+    ok = labeled & ~error
+    return {
+        "files": first.astype(np.int64),
+        "windows": ok.astype(np.int64),
+        "errors": (labeled & error).astype(np.int64),
+        "audio_s": np.where(first & ok, np.asarray(batch[rows.DURATION_S], np.float64), 0.0),
+        "source_bytes": np.where(labeled, np.asarray(batch[rows.SOURCE_BYTES], np.int64), 0),
     }
