@@ -13,6 +13,7 @@ import atexit
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 IDLE_WORKER_MS = 60_000
+# Set by Ray's job supervisor for the entrypoint of a submitted job (ray.dashboard's job module).
+SUBMITTED_JOB_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # How long the processes of a Ray of this machine's own get to end after ray.shutdown().
 LOCAL_RAY_GRACE_S = 2.0
 
@@ -84,20 +87,26 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     else:
         # "local" starts a Ray on this machine: plain ray.init() would instead join whatever
         # cluster `ray start` last left running here. The dashboard's dozen processes cost seconds
-        # and memory that a local run does not need.
+        # and memory that a local run does not need; so does Ray Data's usage-stats actor (a
+        # worker process of its own), and the stats go nowhere from a machine of its own.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address="local", include_dashboard=False, **quiet)
         _end_with_this_process(ray._private.worker._global_node.get_session_dir_path())
     configure_ray_data(verbose)
 
 
+def prepare_token_auth(address: str | None) -> None:
+    """Before Ray is imported (it reads the mode once): a cluster started with `ray start` uses
+    token authentication by default, and a client sends its token only in token mode, so with
+    a token at hand, say so. (Ray's own default would retry an unauthenticated connection for
+    20 s, then fail.)"""
+    if address and "ray" not in sys.modules and find_ray_token() is not None:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def _join(address: str, quiet: dict) -> None:
     import ray
 
-    # A cluster started with `ray start` uses token authentication by default, and a client
-    # sends its token only in token mode: with a token at hand, say so (Ray's own default would
-    # retry an unauthenticated connection for 20 s, then fail).
-    if find_ray_token() is not None:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         # Inside a Ray job RAY_ADDRESS names the job's cluster (the CLI reads it into --address).
         ray.init(address=address, **quiet)
@@ -149,6 +158,22 @@ def _pids_mentioning(session_dir: str) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def is_a_cluster(address: str | None) -> bool:
+    """Whether a run uses Ray as a cluster (commits as tasks spread over the nodes, actors that
+    restart when a node is lost) rather than as this machine's: it joined Ray (--address) and
+    the Ray has more than one node, or the run is a job submitted to a cluster (whose worker
+    nodes may come later, and go). A `ray start --head` on this machine is this machine's: Ray
+    Data's actors that may restart make Ray log an error-level line at every start, for nothing
+    when the only node is the one the driver runs on."""
+    import ray
+
+    if not address:
+        return False
+    if os.environ.get(SUBMITTED_JOB_VARIABLE):
+        return True
+    return sum(1 for node in ray.nodes() if node.get("Alive")) > 1
 
 
 def configure_ray_data(verbose: bool) -> None:

@@ -36,6 +36,8 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.errors import UserError
+
 T = TypeVar("T")
 
 # The client's own retries of one request, below our RetryPolicy: botocore's (standard mode:
@@ -179,6 +181,28 @@ class StorageError(Exception):
     retries."""
 
 
+class CredentialsError(StorageError, UserError):
+    """The store refused who we are: no credentials, or keys it does not accept. Retrying cannot
+    help and the user can fix it (exit 2, one line naming the settings); code that turns storage
+    faults into uncommitted units still sees a StorageError."""
+
+
+# S3 error codes that mean the credentials themselves are wrong (not a missing permission).
+_CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+    }
+)
+CREDENTIALS_ADVICE = (
+    "set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for "
+    "an S3-compatible store), or run where an instance profile applies"
+)
+
+
 class ObjectChanged(Exception):
     """The object was replaced while being read: the bytes after a retry would be another
     object's. Not the data's fault either; a rerun reads the new object whole."""
@@ -237,22 +261,38 @@ def with_retries(call: Callable[[], T], what: str, policy: RetryPolicy | None = 
         try:
             return call()
         except Exception as error:
+            if is_credentials_problem(error):
+                raise CredentialsError(
+                    f"{what}: no usable credentials ({error_reason(error)}); {CREDENTIALS_ADVICE}"
+                ) from error
             if is_permanent(error) or attempt + 1 >= policy.attempts:
                 raise StorageError(f"{what}: {storage_reason(error)}") from error
             time.sleep(policy.delay_s(attempt))
     raise AssertionError("unreachable")
 
 
+def is_credentials_problem(error: BaseException) -> bool:
+    """Whether the store refused the credentials themselves: none found, or keys or a token it
+    does not accept (an access denied to valid keys is a permission, not this)."""
+    botocore_errors = sys.modules.get("botocore.exceptions")
+    for candidate in (error, error.__cause__, error.__context__):
+        if candidate is None:
+            continue
+        if botocore_errors is not None and isinstance(
+            candidate, botocore_errors.NoCredentialsError | botocore_errors.PartialCredentialsError
+        ):
+            return True
+        if _s3_error_code(candidate) in _CREDENTIAL_CODES:
+            return True
+    return any(code in str(error) for code in _CREDENTIAL_CODES)
+
+
 def is_permanent(error: BaseException) -> bool:
-    """Whether retrying cannot help: the object or bucket is missing, access is denied, the
-    object was replaced while being read, or there are no credentials to sign with."""
+    """Whether retrying cannot help: the object or bucket is missing, access is denied, or the
+    object was replaced while being read (credentials: is_credentials_problem)."""
     if isinstance(error, _PERMANENT):
         return _s3_error_code(error) not in _WRITE_DONE_CODES
-    # Only a loaded botocore can have raised its own errors; local runs never import it.
-    botocore_errors = sys.modules.get("botocore.exceptions")
-    return botocore_errors is not None and isinstance(
-        error, botocore_errors.NoCredentialsError | botocore_errors.PartialCredentialsError
-    )
+    return False
 
 
 def _s3_error_code(error: BaseException) -> str | None:

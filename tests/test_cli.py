@@ -305,3 +305,57 @@ def test_run_shows_only_its_own_lines_and_leaves_no_staging(tmp_path, tiny_hf_ch
     assert "skipped (not inputs): 1 hidden files and folders" in result.stdout
     assert any("error x1: not an audio file" in line for line in summary), summary
     assert not (output / ".ast-label" / "staging").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "run"])
+def test_missing_s3_credentials_for_an_input_are_exit_2_naming_the_settings(
+    s3_server, tmp_path, command
+):
+    bucket = s3_server.create_bucket("cli-inputs")
+    s3_server.filesystem().pipe_file(f"{bucket[5:]}/clip.wav", encode(sine(1.0), 16_000, "wav"))
+    env = s3_environment(s3_server.endpoint_url, AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None)
+    output = ["--output", str(tmp_path / "out")] if command == "run" else []
+    result = ast_label(command, f"{bucket}/clip.wav", *output, "--model", "default", env=env)
+    assert result.returncode == 2, result.stderr
+    (line,) = error_lines(result.stderr)
+    assert "no usable credentials" in line and "AWS_ACCESS_KEY_ID" in line
+    assert "kept failing" not in line
+
+
+def test_option_mistakes_are_one_line_and_help_shows_the_usage(audio):
+    for arguments, message in (
+        (["run", "--no-such-option"], "No such option '--no-such-option'"),
+        (["run", str(audio)], "Missing option '--output'"),
+        (["predict", str(audio), "--top-k", "many"], "'many' is not a valid integer"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+    ):
+        result = CliRunner().invoke(main, arguments)
+        assert result.exit_code == 2, (arguments, result.output)
+        assert result.output.count("\n") == 1 and message in result.output, result.output
+        assert "Usage:" not in result.output and "--help`" in result.output
+    assert "run [OPTIONS] [INPUTS]..." in CliRunner().invoke(main, ["run", "--help"]).output
+
+
+def test_the_bundled_demo_model_says_so_on_stderr(audio):
+    result = subprocess.run(
+        [str(AST_LABEL), "predict", str(audio)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "demo model of 10 synthetic classes" in result.stderr
+    assert "demo model" not in result.stdout
+
+
+def test_every_option_of_every_command_has_help_text():
+    def options(command, path):
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from options(sub, [*path, name])
+        else:
+            for param in command.params:
+                if isinstance(param, click.Option):
+                    yield " ".join(path), param
+
+    missing = [
+        f"{path} {param.opts[0]}" for path, param in options(main, ["ast-label"]) if not param.help
+    ]
+    assert missing == []

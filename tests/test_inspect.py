@@ -17,14 +17,13 @@ from labels_output import spec_for, synthetic_output, write_unit
 from pipeline.commands.cli import main
 from pipeline.commands.inspect_report import format_inspection, inspection_json
 from pipeline.commands.inspection import (
-    LabelQuery,
     UnknownLabel,
     duckdb_label_query,
     files_with_label,
     inspect_output,
-    reduce_unit,
     resolve_label,
 )
+from pipeline.commands.unit_reduction import LabelQuery, LabelSpace, reduce_unit
 from pipeline.errors import UserError
 from pipeline.output.layout import OutputLocation, write_labels_table
 from pipeline.output.reader import UnreadableOutput
@@ -191,7 +190,7 @@ def test_vectorised_reduction_equals_a_per_row_reference_on_shuffled_rows():
             rows.append(Row(shard, f"k{f}", w, w * 10.0, w * 10.0 + 10.0, windows * 10.0, scores))
     order = rng.permutation(len(rows))  # the reduction must not rely on the writer's sort order
     table = rows_table([rows[i] for i in order])
-    scan = reduce_unit(table, LABELS, LabelQuery("Dog", 1, 0.5))
+    scan = reduce_unit(table, LabelSpace(LABELS), LabelQuery("Dog", 1, 0.5))
     got = {
         (row["shard"], row["key"]): (
             row["windows"],

@@ -117,6 +117,34 @@ def test_run_with_a_head_equals_relabel_of_a_run_without_one(
     assert described["head"]["sha256"] == head.sha256 and described["head_name"] == head.name
     table = (tmp_path / "relabeled" / ".ast-label" / "head-labels.csv").read_text().splitlines()
     assert table[0] == "index,name,threshold" and table[1] == "0,alarm,0.2"
+    inspect_knows_the_head(tmp_path / "relabeled", head, relabeled)
+
+
+def inspect_knows_the_head(output: Path, head: Head, rows: list[dict]) -> None:
+    """`inspect` finds a head's label as it finds the model's, shows the files per head label,
+    and names the files that failed."""
+    with_label = {}
+    for row in rows:
+        for name in row["head_labels"] or ():
+            with_label.setdefault(name, set()).add((row["shard"], row["key"]))
+    label = max(with_label, key=lambda name: len(with_label[name]))
+    result = CliRunner().invoke(main, ["inspect", str(output), "--json", "--label", label.upper()])
+    report = json.loads(result.stdout)
+    assert report["head"]["files_per_label"][label] == len(with_label[label])
+    assert report["head"]["sha256"] == head.sha256
+    assert report["query"]["head"] and report["query"]["label"] == label
+    threshold = float(head.thresholds[HEAD_LABELS.index(label)])
+    result = CliRunner().invoke(
+        main, ["inspect", str(output), "--json", "-l", label, "--min-score", str(threshold)]
+    )
+    found = {(m["shard"], m["key"]) for m in json.loads(result.stdout)["query"]["matches"]}
+    assert found == with_label[label]  # at its threshold: the files whose rows have the label
+    failed = json.loads(result.stdout)["failed_files"]
+    assert [f["key"] for f in failed] == ["broken"] * 3
+    assert all(f["error"].startswith("cannot decode .wav") for f in failed)
+    text = CliRunner().invoke(main, ["inspect", str(output), "--top", "2"]).stdout
+    assert "Files per head label" in text and "Files that could not be labeled (3):" in text
+    assert "... and 1 more" in text
 
 
 @pytest.mark.slow

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
 from audio_corpus import encode, sine, tar_bytes
-from processes import kill_session
+from processes import kill_session, session_pids
 
 from pipeline.labeling.run import run_labeling
 from pipeline.settings import LabelingOptions, RunConfig
@@ -200,3 +202,37 @@ def test_files_gone_from_the_input_keep_their_rows_and_the_summary_says_so(
         f"(their rows stay) -> {output}"
     )
     assert summary.files == 4 and len({row[0] for row in file_rows(output)}) == 4
+
+
+def test_ctrl_c_says_at_once_what_was_kept_and_leaves_no_process_of_the_run(
+    tmp_path, tiny_hf_checkpoint
+):
+    corpus, output = tmp_path / "corpus", tmp_path / "labels"
+    write_corpus(corpus)
+    run = subprocess.Popen(
+        ast_label_run(corpus, output, tiny_hf_checkpoint),
+        env={**os.environ, "RAY_ADDRESS": ""},
+        start_new_session=True,  # SIGINT reaches the command's main process only
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(
+        target=lambda: lines.extend((time.monotonic(), line) for line in run.stderr), daemon=True
+    )
+    reader.start()
+    deadline = time.monotonic() + 240
+    while committed(output) < 1 and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    signalled = time.monotonic()
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    reader.join(timeout=10)
+
+    said_at, said = next((at, line) for at, line in lines if line.startswith("Error: interrupted"))
+    assert said_at - signalled < 1.0, said
+    kept = committed(output)
+    assert f"Error: interrupted: {kept} of 8 work units labeled and committed" in said
+    assert "run the same command again to go on from there" in said
+    assert not session_pids(run.pid), "a process of the run outlived it"

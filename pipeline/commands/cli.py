@@ -19,6 +19,7 @@ import click
 
 from ast_model.config import DEFAULT_MODEL
 from pipeline import defaults
+from pipeline.cluster import prepare_token_auth
 from pipeline.errors import Interrupted, RunIncomplete, UserError, WorkFailed
 
 # torch, Ray and the model code load inside the commands that need them: `ast-label submit`,
@@ -45,6 +46,10 @@ EXIT_STATUSES: tuple[tuple[int, tuple[type[Exception] | str, ...], str], ...] = 
 # Environment variables whose values never appear in a message, whatever a library put in it.
 SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 
+DEMO_MODEL_NOTE = (
+    "note: the bundled model is a demo model of 10 synthetic classes (tones, noises, clicks): "
+    "use real weights (--model) for real audio"
+)
 MODEL_HELP = (
     "Hugging Face AST checkpoint: a folder or URI (s3://...) holding config.json and "
     "model.safetensors, a hub id, or an original AST .pth. Default: the bundled demo model."
@@ -79,9 +84,27 @@ class _Failure(click.ClickException):
         self.exit_code = status
 
 
+def _one_line_usage(parse):
+    """An option or argument mistake as one line naming the help to read, not click's usage
+    block (which `--help` shows)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return parse(self, ctx, args)
+        except click.UsageError as error:
+            if type(error).__name__ == "NoArgsIsHelpError":  # click >= 8.2: bare group = help
+                raise
+            help_command = f"{ctx.command_path} --help"
+            raise _Failure(f"{error.format_message()} (see `{help_command}`)", 2) from None
+
+    return parse_args
+
+
 class _Command(click.Command):
     """Every ast-label command: a library error becomes `Error: <one line>` on stderr and its
     exit status. Bugs keep their traceback."""
+
+    parse_args = _one_line_usage(click.Command.parse_args)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -100,6 +123,15 @@ class _Command(click.Command):
 
 class _Group(click.Group):
     command_class = _Command
+    parse_args = _one_line_usage(click.Group.parse_args)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as error:
+            raise _Failure(
+                f"{error.format_message()} (see `{ctx.command_path} --help`)", 2
+            ) from None
 
 
 def _epilog() -> str:
@@ -139,7 +171,14 @@ _LABELING_OPTIONS = (
         is_flag=True,
         help="Accept a hop longer than the window (the audio between windows is not labeled).",
     ),
-    click.option("--top-k", "-k", default=defaults.TOP_K, show_default=True, type=int),
+    click.option(
+        "--top-k",
+        "-k",
+        default=defaults.TOP_K,
+        show_default=True,
+        type=int,
+        help="Labels kept per window in top_labels/top_scores (every label's score is in scores).",
+    ),
     click.option(
         "--batch-size",
         type=int,
@@ -151,6 +190,7 @@ _LABELING_OPTIONS = (
         default=defaults.DEVICE,
         show_default=True,
         type=click.Choice(defaults.DEVICES),
+        help="Where the model runs: auto takes a GPU when there is one.",
     ),
     click.option(
         "--precision",
@@ -216,6 +256,7 @@ def predict_command(inputs, windows, as_json, scores, embedding, **options) -> N
     labeling = LabelingOptions.take(options)
     predictor = Predictor(PredictConfig(tuple(inputs), options.pop("manifest"), labeling))
     plan = predictor.plan()
+    _note_if_demo_model(labeling.model)(None)
     if plan.skipped:
         _note("skipped (not inputs): " + ", ".join(f"{n} {why}" for why, n in plan.skipped.items()))
     files = failed = 0
@@ -250,13 +291,31 @@ def run_command(inputs, **options) -> None:
     """Label INPUTS (tar shards, audio files, folders, globs, brace ranges, s3:// URIs) into
     Parquet under --output, exactly once per file. Run the same command again to resume, or to
     label what is new when the input has grown."""
+    prepare_token_auth(options["address"])
     from pipeline.labeling.run import run_labeling
     from pipeline.settings import LabelingOptions, RunConfig
 
     config = RunConfig(tuple(inputs), options=LabelingOptions.take(options), **options)
     with _progress() as progress:
-        summary = run_labeling(config, echo=progress.note, progress=progress)
+        echo = _note_if_demo_model(config.options.model, progress.note)
+        summary = run_labeling(config, echo=echo, progress=progress)
     _report(summary)
+
+
+def _note_if_demo_model(model: str, echo=_note):
+    """`echo`, saying first (once the checks have passed, with the first line there is to say)
+    that the bundled model is a demo's; `echo(None)` says only that."""
+    said = model != DEFAULT_MODEL
+
+    def echo_after_the_note(line: str | None) -> None:
+        nonlocal said
+        if not said:
+            echo(DEMO_MODEL_NOTE)
+            said = True
+        if line is not None:
+            echo(line)
+
+    return echo_after_the_note
 
 
 @main.command("relabel")
@@ -272,6 +331,7 @@ def relabel_command(source, **options) -> None:
     """Score an existing OUTPUT with a head into a new output, from its stored embeddings: no
     audio is read, no transformer runs. Every column is kept, the head's are added; rerun the same
     command to resume."""
+    prepare_token_auth(options["address"])
     from pipeline.heads.relabel import RelabelConfig, relabel
 
     with _progress() as progress:
@@ -342,6 +402,7 @@ def demo_command(output: Path, model: str) -> None:
 def norm_stats_command(inputs, output, manifest, files_per_unit, max_duration_s, address) -> None:
     """Measure the fbank mean and std of INPUTS (as `run` takes them) into a JSON file for
     `ast-label run --norm-stats`."""
+    prepare_token_auth(address)
     from pipeline.commands.norm_stats import compute_norm_stats
 
     stats = compute_norm_stats(
@@ -362,10 +423,9 @@ def norm_stats_command(inputs, output, manifest, files_per_unit, max_duration_s,
 @click.option("--label", "-l", help="Show the files where this label scores at least --min-score.")
 @click.option(
     "--min-score",
-    default=defaults.INSPECT_MIN_SCORE,
-    show_default=True,
     type=float,
-    help="With --label: the score a window must reach (the max over a file's windows counts).",
+    help="With --label: the score a window must reach (the max over a file's windows counts) "
+    f"[default: a head label's threshold, else {defaults.INSPECT_MIN_SCORE}].",
 )
 @click.option(
     "--top",
@@ -383,7 +443,12 @@ def norm_stats_command(inputs, output, manifest, files_per_unit, max_duration_s,
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout instead of text.")
 def inspect_command(
-    output: str, label: str | None, min_score: float, top: int, plot: Path | None, as_json: bool
+    output: str,
+    label: str | None,
+    min_score: float | None,
+    top: int,
+    plot: Path | None,
+    as_json: bool,
 ) -> None:
     """Counts, label distribution and label queries of an output folder or URI (s3://...)."""
     from pipeline.commands.inspect_report import format_inspection, inspection_json
@@ -559,9 +624,7 @@ def head_group() -> None:
     "(.svg, .pdf), or FILE.html with the table. Needs the plot extra (matplotlib).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the head already in --output.")
-@click.option(
-    "--window-s", type=float, help="Window length in seconds, as `run` [default: 10.24]."
-)
+@click.option("--window-s", type=float, help="Window length in seconds, as `run` [default: 10.24].")
 @click.option("--hop-s", type=float, help="Hop between windows [default: the window length].")
 @click.option(
     "--device",
@@ -578,9 +641,7 @@ def head_group() -> None:
     type=float,
     help="Longer files are left out (reported).",
 )
-@click.option(
-    "--norm-stats", help="JSON from `ast-label norm-stats` to use instead of AudioSet's."
-)
+@click.option("--norm-stats", help="JSON from `ast-label norm-stats` to use instead of AudioSet's.")
 @click.option(
     "--ray-above",
     default=head_options.DEFAULT_RAY_ABOVE,
@@ -603,6 +664,7 @@ def head_train_command(examples, output, model, **options) -> None:
     """Train a head on EXAMPLES: a folder with one subfolder per label, or a .csv/.parquet
     manifest (uri, or shard + key; label; optional start_s, end_s). Prints the cross-validation
     and writes the head to --output."""
+    prepare_token_auth(options.get("address"))
     from pipeline.heads.train import TrainConfig, train_head
     from pipeline.settings import LabelingOptions
 

@@ -25,6 +25,12 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from ast_model.config import DEFAULT_MODEL
+from pipeline.commands.demo_head import (
+    NOVEL_SHARD,
+    recipe,
+    write_head_examples,
+    write_novel_shard,
+)
 from pipeline.commands.synthetic import CLASS_NAMES, MAX_DURATION_S, MIN_DURATION_S, generate_clip
 from pipeline.output.layout import METADATA_KEY
 
@@ -52,10 +58,12 @@ class DemoCorpus:
     shards: tuple[Path, ...]
     truth: dict[tuple[str, str], str]  # (shard file name, key) -> the generator's label
     broken: dict[tuple[str, str], str]  # (shard file name, key) -> what is wrong with the file
+    # (shard file name, key) -> a class the bundled model never saw (demo_head.py)
+    novel: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def num_files(self) -> int:
-        return len(self.truth) + len(self.broken)
+        return len(self.truth) + len(self.broken) + len(self.novel)
 
 
 @dataclass(frozen=True)
@@ -185,10 +193,12 @@ def write_demo_corpus(directory: str | Path, seed: int = 0) -> DemoCorpus:
                 )
                 broken[(shard.name, key)] = reason
         shards.append(shard)
+    novel = write_novel_shard(directory)
+    shards.append(directory / NOVEL_SHARD)
     # Shards of an earlier, larger corpus in the same folder would be labelled too: remove them.
     for stale in sorted(set(directory.glob("shard-*.tar")) - set(shards)):
         stale.unlink()
-    return DemoCorpus(directory, tuple(shards), truth, broken)
+    return DemoCorpus(directory, tuple(shards), truth, broken, novel)
 
 
 # The columns the report reads; `embedding`, the bulk of a file, is left on disk.
@@ -257,7 +267,11 @@ def find_misses(
 def format_report(report: DemoReport) -> str:
     """The demo's closing summary: what was labelled how, how well, what failed, where it is."""
     corpus, summary = report.corpus, report.summary
-    predicted = Counter(result.predicted for result in report.files if result.predicted is not None)
+    predicted = Counter(
+        result.predicted
+        for result in report.files
+        if result.predicted is not None and (result.shard, result.key) not in corpus.novel
+    )
     true_counts = Counter(corpus.truth.values())
     width = max((len(name) for name in [*predicted, *true_counts]), default=10)
     lines = [
@@ -304,8 +318,24 @@ def format_report(report: DemoReport) -> str:
         "[['key', 'window_index', 'top_labels', 'error']].head(10))\"",
         "Or let ast-label look (add --plot labels.png for pictures; the 'plot' extra):",
         f"  ast-label inspect {report.labels_dir} --label 'Pink noise' --min-score 0.9",
+        "",
     ]
-    return "\n".join(lines)
+    said, *commands = recipe(report.labels_dir.parent)
+    lines += [said, *_novel_lines(report), "Train a head on the examples, relabel with it:"]
+    return "\n".join([*lines, *commands])
+
+
+def _novel_lines(report: DemoReport) -> list[str]:
+    """What the bundled model made of the sounds it never heard: the nearest class it knows."""
+    called: dict[str, Counter] = {}
+    for result in report.files:
+        label = report.corpus.novel.get((result.shard, result.key))
+        if label is not None and result.predicted is not None:
+            called.setdefault(label, Counter())[result.predicted] += 1
+    return [
+        f"  {label}: labeled {', '.join(f'{name} x{n}' for name, n in counts.most_common())}"
+        for label, counts in sorted(called.items())
+    ]
 
 
 def run_demo(
@@ -319,6 +349,7 @@ def run_demo(
     output_dir = Path(output_dir).resolve()
     echo(f"Writing a synthetic corpus to {output_dir / 'corpus'} ...")
     corpus = write_demo_corpus(output_dir / "corpus")
+    write_head_examples(output_dir / "head-examples")
     echo(
         f"{corpus.num_files} files in {len(corpus.shards)} WebDataset shards "
         f"({len(corpus.broken)} of them broken on purpose). Labelling with model {model!r} ..."

@@ -59,6 +59,11 @@ def format_inspection(inspection: Inspection, top: int = INSPECT_TOP) -> str:
         lines += _limited(
             [f"  {n:>7}  {reason}" for reason, n in inspection.error_reasons.items()], top
         )
+        failed = inspection.failed_files().to_pylist()
+        lines += ["", f"Files that could not be labeled ({len(failed)}):"]
+        lines += _limited(
+            [f"  {file_name(r['shard'], r['key'])}: {r['error']}" for r in failed], top
+        )
     distribution = inspection.label_distribution()
     if distribution:
         width = max(len(name) for name, _ in distribution)
@@ -71,6 +76,18 @@ def format_inspection(inspection: Inspection, top: int = INSPECT_TOP) -> str:
             [f"  {name:<{width}}  {n:>7}  {n / labeled:6.1%}" for name, n in distribution],
             top,
         )
+    heads = inspection.head_distribution()
+    if inspection.space.head:
+        head = output.metadata.get("head") or {}
+        lines += [
+            "",
+            f"Files per head label (head {str(head.get('sha256', '?'))[:12]}: a file has a "
+            "label when a window reaches its threshold):",
+        ]
+        width = max(len(name) for name in inspection.space.head)
+        lines += _limited([f"  {name:<{width}}  {n:>7}" for name, n in heads], top) or [
+            "  (no file reaches a head label's threshold)"
+        ]
     if inspection.query is not None:
         lines += ["", *_format_matches(inspection, top)]
     return "\n".join(lines)
@@ -79,9 +96,10 @@ def format_inspection(inspection: Inspection, top: int = INSPECT_TOP) -> str:
 def _format_matches(inspection: Inspection, top: int) -> list[str]:
     query = inspection.query
     matches = inspection.matches()
+    whose = "the head's label " if query.head else ""
     lines = [
-        f"Files where {query.label!r} >= {query.min_score:g} in some window: {matches.num_rows} "
-        f"of {inspection.counts['labeled_files']} labeled files"
+        f"Files where {whose}{query.label!r} >= {query.min_score:g} in some window: "
+        f"{matches.num_rows} of {inspection.counts['labeled_files']} labeled files"
     ]
     if not matches.num_rows:
         return lines
@@ -126,13 +144,20 @@ def inspection_json(inspection: Inspection, top: int = INSPECT_TOP) -> dict[str,
         **inspection.counts,
         "audio_hours": round(inspection.counts["audio_hours"], 6),
         "error_reasons": inspection.error_reasons,
+        "failed_files": inspection.failed_files().to_pylist(),
         "files_per_top_label": dict(inspection.label_distribution()),
     }
+    if inspection.space.head:
+        report["head"] = {
+            **(output.metadata.get("head") or {}),
+            "files_per_label": dict(inspection.head_distribution()),
+        }
     if inspection.query is not None:
         matches = inspection.matches()
         shown = matches if top <= 0 else matches.slice(0, top)
         report["query"] = {
             "label": inspection.query.label,
+            "head": inspection.query.head,
             "min_score": inspection.query.min_score,
             "files": matches.num_rows,
             "matches": [

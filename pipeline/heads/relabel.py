@@ -85,16 +85,15 @@ def relabel(
     spec = relabeled_spec(source, head, location)
     check_output_writable(location)
     units = _source_units(source)
-    planned = [(unit.unit_id, unit.sources) for unit in units]
-    resume = check_resume(location, planned, spec.model_fingerprint, config.overwrite)
+    resume = check_resume(location, spec, config.overwrite)
     write_labels_table(location, spec.label_names)
     write_head_labels_table(location, head.label_names, head.thresholds.tolist())
-    todo = [unit for unit in units if unit.unit_id not in resume.committed]
+    todo = [unit for unit in units if unit.unit_id not in resume.units]
     echo(
         f"{len(units)} unit files: {len(units) - len(todo)} already relabeled, "
         f"{len(todo)} to relabel -> {config.output}"
     )
-    committed, outcome = resume.units, CommitOutcome({}, {})
+    committed, outcome = dict(resume.units), CommitOutcome({}, {})
     if todo:
         outcome = _relabel_units(todo, source, spec, config, progress)
         committed.update(outcome.committed)

@@ -24,14 +24,22 @@ from pipeline.settings import FeatureSettings, ReadSettings
 READ_TASKS_PER_CPU = 4
 # ...and at most this many units in one read task: a task retried after a lost node redoes them.
 MAX_UNITS_PER_READ_TASK = 100
+# ...but no more tasks than one per this many input bytes: each read task's process imports torch
+# (5 CPU-s with Ray's own start), the decode and fbank of about 500 ten-second clips (~100 MB of
+# FLAC); a small run reads faster in one process than it starts a second.
+MIN_BYTES_PER_READ_TASK = 128 * 2**20
 
 # What a read task does with each batch of the read stage before it leaves the task: nothing
 # (the classifier takes it), or a reduction (norm-stats keeps a few sums, never the fbank).
 BatchReduction = Callable[[rows.Batch], dict[str, np.ndarray]]
 
 
-def read_task_count(units: int, cpus: int) -> int:
-    return min(units, max(READ_TASKS_PER_CPU * cpus, -(-units // MAX_UNITS_PER_READ_TASK)))
+def read_task_count(units: int, cpus: int, input_bytes: int = 0) -> int:
+    """Read tasks for `units` work units on `cpus` CPUs; `input_bytes` (0: unknown) caps them."""
+    count = min(units, max(READ_TASKS_PER_CPU * cpus, -(-units // MAX_UNITS_PER_READ_TASK)))
+    if input_bytes:
+        count = min(count, max(1, -(-input_bytes // MIN_BYTES_PER_READ_TASK)))
+    return count
 
 
 def read_units(
@@ -55,6 +63,7 @@ class WorkUnitSource(Datasource):
         features: FeatureSettings,
         cpus: int,
         reduce: BatchReduction | None = None,
+        input_bytes: int = 0,
     ):
         super().__init__()
         self.units = tuple(units)
@@ -62,13 +71,14 @@ class WorkUnitSource(Datasource):
         self.features = features
         self.cpus = cpus
         self.reduce = reduce
+        self.input_bytes = input_bytes  # of the units' sources, as listed (0: unknown)
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     @property
     def read_task_count(self) -> int:
-        return read_task_count(len(self.units), self.cpus)
+        return read_task_count(len(self.units), self.cpus, self.input_bytes)
 
     def get_read_tasks(self, parallelism: int, **_ignored) -> list[ReadTask]:
         """Ray's `parallelism` guess knows nothing of units; the count comes from the plan."""

@@ -95,11 +95,11 @@ class Placement:
 class ModelInObjectStore:
     """The checked checkpoint files (ast_model.checkpoint_files), put in Ray's object store once by
     the driver: every actor builds its model from there instead of re-reading the checkpoint (a
-    hub id or s3:// URI), and the driver never loads torch.
+    hub id, an s3:// URI, a path only the driver's machine has), and the driver never loads torch.
 
     Wrapped rather than passed as a bare ObjectRef: Ray counts a bare ref as an actor argument
-    "in the object store" and logs an error-level line at every actor start (a restart could not
-    recreate a lost argument). The driver holds the reference for the whole run, so it is not lost.
+    "in the object store" and, where actors may restart, logs an error-level line at every actor
+    start. The driver holds the reference for the whole run, so it is not lost.
     """
 
     ref: ray.ObjectRef
@@ -131,6 +131,7 @@ class ClassifierActor:
 
 def labeling_graph(
     units: Sequence[WorkUnit],
+    input_bytes: int,
     read: ReadSettings,
     features: FeatureSettings,
     classifier: ClassifierSettings,
@@ -139,9 +140,10 @@ def labeling_graph(
     spec: OutputSpec,
     placement: Placement,
 ) -> ray.data.Dataset:
-    """read tasks -> classifier actors: a dataset of staging records (output.staging)."""
+    """read tasks -> classifier actors: a dataset of staging records (output.staging).
+    `input_bytes`: the units' sources', as listed (0: unknown), which sizes the read tasks."""
     ray.data.DataContext.get_current().target_max_block_size = _batch_bytes(features)
-    source = WorkUnitSource(units, read, features, placement.cpus)
+    source = WorkUnitSource(units, read, features, placement.cpus, input_bytes=input_bytes)
     dataset = ray.data.read_datasource(source, **_read_task_options(source, placement))
     with warnings.catch_warnings():
         # max_restarts has no named parameter in Ray 2.60; passing it as a remote arg warns.

@@ -13,6 +13,7 @@ files' headers and the actors build it.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -22,9 +23,9 @@ from typing import Protocol
 
 import ray
 
-from ast_model.checkpoint_files import CheckpointFiles, read_checkpoint
+from ast_model.checkpoint_files import CheckpointError, CheckpointFiles, read_checkpoint
 from ast_model.config import FbankConfig
-from pipeline.cluster import init_ray
+from pipeline.cluster import init_ray, is_a_cluster
 from pipeline.errors import Interrupted
 from pipeline.heads.head import Head, load_head
 from pipeline.labeling.graph import ModelInObjectStore, Placement, labeling_graph
@@ -150,12 +151,16 @@ def _label_units(
     init_ray(config.address, verbose=config.verbose)
     options = config.options
     placement = Placement.for_resources(
-        ray.cluster_resources(), options.device, config.classifier_actors, bool(config.address)
+        ray.cluster_resources(),
+        options.device,
+        config.classifier_actors,
+        is_a_cluster(config.address),
     )
     echo(placement.describe(options))
     progress.phase("loading the model")
     dataset = labeling_graph(
         plan.units,
+        plan.input_bytes,
         read,
         options.feature_settings(fbank, placement.use_gpu),
         options.classifier_settings(placement.use_gpu, placement.cpu_threads),
@@ -181,6 +186,13 @@ def _label_units(
     except KeyboardInterrupt:
         progress.finish()
         raise Interrupted(interrupted(committer.committed, len(plan.units), "labeled")) from None
+    except Exception as error:
+        # An actor that could not build the checked model (its body damaged past what the
+        # headers showed): Ray reports its constructor's error; say it in one line.
+        found = re.search(r"CheckpointError: (.+)", str(error))
+        if found is None:
+            raise
+        raise CheckpointError(f"a classifier actor {found.group(1).strip()}") from None
     with contextlib.suppress(Exception):  # diagnostics only: never fail a finished run over them
         write_stats(spec.location, dataset.stats())
     return outcome

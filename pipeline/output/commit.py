@@ -382,7 +382,13 @@ class Committer:
             self._collect(wait=True)
         finally:
             if self._pool is not None:
+                # Interrupted: commits running end (each is quick), those not started never do;
+                # those that ended count, so that the interruption says what was kept.
                 self._pool.shutdown(wait=True, cancel_futures=True)
+                for future in [f for f in self._in_flight if f.cancelled()]:
+                    self._in_flight.pop(future)
+                if self._in_flight:
+                    self._wait(timeout=0, every=True)
         failed = dict(self.failed)
         for unit_id, (count, total) in ledger.pending.items():  # a bug, never the data: say so
             failed.setdefault(unit_id, f"only {count} of {total or '?'} rows reached the writer")
