@@ -151,7 +151,7 @@ def test_plain_files_globs_and_manifests_label_each_file_once(
         echo=lambda line: None,
     )
 
-    assert (by_glob.files, by_glob.shards, by_glob.errors) == (7, 3, 0)
+    assert (by_glob.files, by_glob.units, by_glob.errors) == (7, 3, 0)
     keys = duckdb.sql(f"select key from read_parquet('{tmp_path}/out-glob/*.parquet')").fetchall()
     assert sorted(k for (k,) in keys) == sorted(str(p) for p in paths)
     assert by_manifest.files == 3

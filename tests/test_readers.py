@@ -208,7 +208,7 @@ def test_bundled_model_labels_a_clip_in_transformers_pipeline_as_predict_does(ch
 
     result = CliRunner().invoke(main, ["predict", str(path), "--json", "--scores"])
     assert result.exit_code == 0, result.output
-    ours = json.loads(result.output.splitlines()[0])
+    ours = json.loads(result.stdout.splitlines()[0])
     assert theirs[0]["label"] == next(iter(ours["labels"])) == "Chirp tone"
     for item in theirs:  # the same numbers, well inside the 1e-4 of README (measured: 4e-7)
         assert ours["scores"][item["label"]] == pytest.approx(item["score"], abs=SCORE_TOLERANCE)

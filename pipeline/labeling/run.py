@@ -78,14 +78,14 @@ def run_labeling(
     progress = progress or NoProgress()
     # Everything a user can get wrong is checked here, on the driver, before any Ray work starts.
     config.check()
-    progress.phase("planning the inputs")
-    found = expand_inputs(config.inputs, config.manifest, exclude=(config.output,))
-    progress.phase(f"checking the model ({plural(len(found.uris), 'input')})")
+    progress.phase("checking the model")
     checkpoint = read_checkpoint(config.options.model)  # every weight checked; torch not loaded
     head = _checked_head(config.options.head, checkpoint)
     fbank = config.options.fbank_config(checkpoint.config)
     read = config.options.read_settings(fbank)
-    progress.phase("checking the output")
+    progress.phase("planning the inputs")
+    found = expand_inputs(config.inputs, config.manifest, exclude=(config.output,))
+    progress.phase(f"checking the output ({plural(len(found.uris), 'input')})")
     location = OutputLocation.of(config.output)
     spec = output_spec(location, config, checkpoint, head, fbank, read)
     check_output_writable(location)
