@@ -6,7 +6,7 @@ RAY_ADDRESS is set, so the run joins the cluster that the job was submitted to.
 
 from __future__ import annotations
 
-from pipeline.commands.cli import run_command
+from pipeline.commands.cli_labeling import run_command
 
 if __name__ == "__main__":
     run_command.main(prog_name="python -m jobs.label")

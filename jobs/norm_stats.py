@@ -7,7 +7,7 @@ the cluster the job was submitted to.
 
 from __future__ import annotations
 
-from pipeline.commands.cli import norm_stats_command
+from pipeline.commands.cli_labeling import norm_stats_command
 
 if __name__ == "__main__":
     norm_stats_command.main(prog_name="python -m jobs.norm_stats")

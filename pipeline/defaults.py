@@ -16,3 +16,7 @@ DEVICES = ("auto", "cpu", "cuda")  # --device choices
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # --precision choices
 INSPECT_MIN_SCORE = 0.5  # `inspect --label`: the score a window must reach to count as a match
 INSPECT_TOP = 20  # `inspect`: rows shown per table (0: all)
+
+# Search (`similar`, `near-duplicates`).
+SIMILAR_K = 20  # files `similar` lists
+DUPLICATE_MIN_SIMILARITY = 0.98  # file similarity from which `near-duplicates` groups files

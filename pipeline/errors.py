@@ -1,6 +1,6 @@
 """The failures ast-label's commands report: library modules raise these, never click's errors.
 
-pipeline.commands.cli maps each type to its exit status in one table (`ast-label --help` lists
+pipeline.commands.cli_core maps each type to its exit status in one table (`ast-label --help` lists
 it) and prints the message as one line, never a traceback. Messages never hold a credential.
 """
 

@@ -12,7 +12,7 @@ import torchaudio
 from audio_corpus import encode, write_tar_shard
 from click.testing import CliRunner
 
-from pipeline.commands.cli import norm_stats_command
+from pipeline.commands.cli_labeling import norm_stats_command
 from pipeline.commands.norm_stats import compute_norm_stats
 from pipeline.errors import UserError
 from pipeline.normalisation import NormStats, NormStatsError

@@ -1,5 +1,5 @@
 """Running ast-label's jobs on a Ray cluster through its Jobs API: what `ast-label submit`,
-`status` and `stop` (cli.py) call. Failures are typed (pipeline.errors), never click's.
+`status` and `stop` (cli_cluster.py) call. Failures are typed (pipeline.errors), never click's.
 
 The job's code travels as the runtime_env working_dir (this project directory, without the venv,
 git history, caches and big files), so what runs is the code the user has checked out; the cluster

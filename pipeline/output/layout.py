@@ -10,6 +10,7 @@ Under the output URI OUT:
     OUT/.ast-label/head-labels.csv            with a head: index,name,threshold of its labels
     OUT/.ast-label/summary.json               the last run's summary
     OUT/.ast-label/ray-data-stats.txt         the last run's per-stage times (Ray Data)
+    OUT/.ast-label/neighbours/                the index of `ast-label index` (FAISS segments)
 
 Only the data sits at the top, so every Parquet reader takes OUT as it is (pyarrow.dataset,
 pandas, DuckDB's `OUT/*.parquet`, Ray, Hugging Face `datasets`): they all skip hidden folders.
