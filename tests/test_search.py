@@ -159,7 +159,7 @@ def test_an_index_rerun_adds_only_the_new_units(tmp_path, monkeypatch):
     )
     result = invoke("index", out)
     assert result.exit_code == 0, result.output
-    assert "indexed 1 units (1 new; 2 windows" in result.stdout
+    assert "indexed 1 unit (1 new; 2 windows" in result.stdout
     manifest = read_manifest(open_output(out))
     assert manifest.segments[0] == big  # the big segment is kept as it was
     assert [(s.kind, s.units) for s in manifest.segments[1:]] == [("flat", ("shard-000005",))]
