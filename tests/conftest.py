@@ -21,6 +21,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_LABELS = ("Silence", "Sine wave", "White noise", "Chirp tone", "Click")
 
 
+# The modules that run Ray pipelines of their own, longest first. `make test` runs two pytest-xdist
+# workers, one module at a time each (--dist loadfile), in collection order: started first, the
+# long ones end together instead of one of them running alone at the end.
+LONGEST_FIRST = (
+    "test_faults.py",
+    "test_resume.py",
+    "test_cluster.py",
+    "test_demo.py",
+    "test_relabel.py",
+    "test_cli.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order within
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -188,3 +188,45 @@ def _node_ports() -> list[str]:
         f"--metrics-export-port={free_port()}",
         f"--runtime-env-agent-port={free_port()}",
     ]
+
+
+def start_local_head(env: dict[str, str], cpus: int = 2) -> LoopbackCluster:
+    """One node on 127.0.0.1 without dashboard or token: the Ray that `ast-label run --address`
+    joins when someone keeps a `ray start --head` running on their machine.
+
+    Its processes, and so every Ray worker of every run that joins it, inherit `env` (for the fault
+    tests: the proxy's endpoint and the shortened retries).
+    """
+    temp_dir = Path(tempfile.mkdtemp(prefix="astl-rh-", dir="/tmp"))
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_")}
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    cluster = LoopbackCluster(
+        dashboard_url="",
+        gcs_address=f"127.0.0.1:{free_port()}",
+        token_path=temp_dir / "no-token",
+        temp_dir=temp_dir,
+        env=env,
+    )
+    try:
+        _ray_start(
+            [
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={cluster.gcs_address.rsplit(':', 1)[1]}",
+                "--include-dashboard=false",
+                f"--ray-client-server-port={free_port()}",
+                *_node_ports(),
+                f"--num-cpus={cpus}",
+                "--num-gpus=0",
+                f"--temp-dir={temp_dir}",
+            ],
+            env,
+            cluster,
+        )
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

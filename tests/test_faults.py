@@ -1,5 +1,8 @@
 """Faults of the store, injected by tests/fault_proxy.py in front of the S3 server, against the real
 `ast-label run` (a subprocess whose S3 traffic, Ray workers' included, goes through the proxy).
+The runs join one Ray kept for this module (`ray start --head`, started with the proxy's endpoint,
+as `run --address` joins a Ray kept running on a machine): each run pays for its own driver and
+workers, not for starting Ray again.
 
 The contract (DESIGN.md, "Bad input, and faults that are not the data's"): a fault of the store
 never becomes an error row; one the retries absorb changes nothing in the output; one that
@@ -31,6 +34,7 @@ import pytest
 from audio_corpus import encode, sine, tar_bytes
 from conftest import free_port
 from fault_proxy import FaultProxy, FaultRule
+from ray_cluster import start_local_head
 
 from ast_model.config import FbankConfig
 from pipeline import rows as R
@@ -54,12 +58,15 @@ SHARDS = 8
 CLIPS_PER_SHARD = 2
 INPUT_GLOB = f"s3://{INPUTS}/shards/*.tar"  # planning LISTs the folder: LIST faults count too
 SECRET = "fault-test-secret-value-0123456789"  # moto takes any key; no message may show it
-# Retries cut short, so that a storm outlasts them in seconds (see pipeline.storage).
+# Retries cut short, so that a storm outlasts them in seconds (see pipeline.storage), yet enough
+# of them (3 x 3 tries) that faults at a few percent never outlast them. The module's Ray and
+# every command share them: Ray's workers take their environment from the Ray they run in.
+S3_TIMEOUT_S = 3.0
 QUICK_RETRIES = {
-    "AST_LABEL_IO_ATTEMPTS": "2",
+    "AST_LABEL_IO_ATTEMPTS": "3",
     "AST_LABEL_IO_DELAY_S": "0.1",
-    "AST_LABEL_S3_ATTEMPTS": "2",
-    "AST_LABEL_S3_TIMEOUT_S": "5",
+    "AST_LABEL_S3_ATTEMPTS": "3",
+    "AST_LABEL_S3_TIMEOUT_S": str(S3_TIMEOUT_S),
 }
 SCORE_TOLERANCE = 1e-5  # the same model on the same windows; batches may be grouped differently
 MiB = 2**20
@@ -80,6 +87,15 @@ def unit_id(index: int) -> str:
 def proxy(s3_server):
     with FaultProxy(s3_server.endpoint_url, seed=11) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def module_ray(proxy):
+    """The Ray the module's runs join: its workers talk to the store through the proxy."""
+    env = {**os.environ, **proxy.environ(), **QUICK_RETRIES, "AWS_SECRET_ACCESS_KEY": SECRET}
+    ray = start_local_head(env)
+    yield ray.gcs_address
+    ray.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -114,13 +130,13 @@ class Run:
     wall_s: float
 
 
-def ast_label(proxy: FaultProxy, *arguments: str, retries: dict[str, str] = QUICK_RETRIES) -> Run:
+def ast_label(proxy: FaultProxy, ray_address: str, *arguments: str) -> Run:
     env = {
         **os.environ,
         **proxy.environ(),  # this process talks to moto directly; the command, to the proxy
-        **retries,
+        **QUICK_RETRIES,
         "AWS_SECRET_ACCESS_KEY": SECRET,
-        "RAY_ADDRESS": "",
+        "RAY_ADDRESS": ray_address,
     }
     started = time.monotonic()
     result = subprocess.run(
@@ -129,10 +145,10 @@ def ast_label(proxy: FaultProxy, *arguments: str, retries: dict[str, str] = QUIC
     return Run(result.returncode, result.stdout, result.stderr, time.monotonic() - started)
 
 
-def label(proxy: FaultProxy, output: str, model: Path, **kwargs) -> Run:
+def label(proxy: FaultProxy, ray_address: str, output: str, model: Path) -> Run:
     return ast_label(
-        proxy, "run", INPUT_GLOB, "--output", output, "--model", str(model), "--batch-size", "4",
-        **kwargs,
+        proxy, ray_address, "run", INPUT_GLOB, "--output", output, "--model", str(model),
+        "--batch-size", "4",
     )  # fmt: skip
 
 
@@ -201,10 +217,10 @@ def summary_json(store, output: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def clean_run(proxy, store, tiny_hf_checkpoint):
+def clean_run(proxy, module_ray, store, tiny_hf_checkpoint):
     proxy.reset()
     output = f"s3://{OUTPUTS}/clean"
-    run = label(proxy, output, tiny_hf_checkpoint)
+    run = label(proxy, module_ray, output, tiny_hf_checkpoint)
     counts = proxy.counts()
     proxy.reset()
     return run, output, counts
@@ -238,9 +254,9 @@ def test_a_clean_run_through_the_proxy_commits_every_unit(clean_run, reference, 
 
 @pytest.mark.slow
 def test_faults_at_a_few_percent_on_every_request_leave_the_output_equal_to_a_clean_run(
-    proxy, store, reference, tiny_hf_checkpoint
+    proxy, module_ray, store, reference, tiny_hf_checkpoint
 ):
-    timeout_s = 3.0
+    timeout_s = S3_TIMEOUT_S  # the module's Ray's, and every command's
     # Each kind of fault on each kind of request at least once, whatever the dice say: shard
     # reads (ranged GETs), LISTs, HEADs, PUTs, POSTs (bulk deletes), DELETEs. (A run's files are
     # far below the multipart threshold: multipart uploads are tested below, without Ray.)
@@ -270,14 +286,7 @@ def test_faults_at_a_few_percent_on_every_request_leave_the_output_equal_to_a_cl
     ]
     proxy.set_rules(once + background)
     output = f"s3://{OUTPUTS}/few-percent"
-    retries = {
-        "AST_LABEL_IO_ATTEMPTS": "3",
-        "AST_LABEL_IO_DELAY_S": "0.1",
-        "AST_LABEL_S3_ATTEMPTS": "3",
-        "AST_LABEL_S3_TIMEOUT_S": str(timeout_s),
-    }
-
-    run = label(proxy, output, tiny_hf_checkpoint, retries=retries)
+    run = label(proxy, module_ray, output, tiny_hf_checkpoint)
 
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_rows(output_rows(store, output), reference)  # each file's rows, exactly once
@@ -327,7 +336,7 @@ class StormRuns:
 
 
 @pytest.fixture(scope="module")
-def storm_runs(proxy, store, tiny_hf_checkpoint) -> StormRuns:
+def storm_runs(proxy, module_ray, store, tiny_hf_checkpoint) -> StormRuns:
     output = f"s3://{OUTPUTS}/storms"
     out = re.escape(f"/{OUTPUTS}/storms")
     proxy.reset(seed=3)
@@ -354,7 +363,7 @@ def storm_runs(proxy, store, tiny_hf_checkpoint) -> StormRuns:
             ),
         ]
     )
-    first = label(proxy, output, tiny_hf_checkpoint)
+    first = label(proxy, module_ray, output, tiny_hf_checkpoint)
     faults = proxy.counts()
     state = (
         output_rows(store, output),
@@ -364,7 +373,7 @@ def storm_runs(proxy, store, tiny_hf_checkpoint) -> StormRuns:
     )
     proxy.reset()  # the storms are over
 
-    second = label(proxy, output, tiny_hf_checkpoint)
+    second = label(proxy, module_ray, output, tiny_hf_checkpoint)
     staging = store.find(f"{output.removeprefix('s3://')}/.ast-label/staging")
     return StormRuns(output, first, *state, faults, second, output_rows(store, output), staging)
 
@@ -446,7 +455,7 @@ def test_a_plain_rerun_after_the_storms_labels_exactly_the_units_that_did_not_co
 
 @pytest.mark.parametrize("case", ["missing bucket", "access denied", "a file"])
 def test_an_unusable_output_fails_before_ray_in_one_line(
-    case, proxy, store, tiny_hf_checkpoint, tmp_path
+    case, proxy, module_ray, store, tiny_hf_checkpoint, tmp_path
 ):
     if case == "missing bucket":
         output, expected = "s3://no-such-bucket-for-faults/out", "the bucket does not exist"
@@ -457,9 +466,8 @@ def test_an_unusable_output_fails_before_ray_in_one_line(
         output, expected = str(tmp_path / "labels.parquet"), "is a file, not a folder"
         Path(output).write_bytes(b"not a folder")
 
-    run = ast_label(
-        proxy, "run", shard_uri(0), "--output", output, "--model", str(tiny_hf_checkpoint)
-    )
+    model = str(tiny_hf_checkpoint)
+    run = ast_label(proxy, module_ray, "run", shard_uri(0), "--output", output, "--model", model)
 
     assert run.returncode == 2, run.stderr[-3000:]
     assert run.stdout == ""
@@ -680,31 +688,30 @@ def test_an_object_replaced_while_being_read_is_a_storage_fault_not_spliced_byte
 
 
 def test_a_burst_of_5xx_at_planning_shorter_than_the_retries_does_not_stop_the_run(
-    proxy, store, tiny_hf_checkpoint
+    proxy, module_ray, store, tiny_hf_checkpoint
 ):
-    # Two 500s outlast the client's own two attempts, not with_retries' 2 x 2.
+    # Four 500s outlast the client's own three attempts, not with_retries' 3 x 3.
     proxy.start_storm(rf"^/{INPUTS}/?$", methods="GET", query="list-type", status=500,
-                      max_failures=2)  # fmt: skip
+                      max_failures=4)  # fmt: skip
     output = "s3://no-such-bucket-for-faults/out"
 
     run = ast_label(
-        proxy, "run", INPUT_GLOB, "--output", output, "--model", str(tiny_hf_checkpoint)
+        proxy, module_ray, "run", INPUT_GLOB, "--output", output, "--model", str(tiny_hf_checkpoint)
     )
 
-    assert proxy.faults_injected("storm") == 2
+    assert proxy.faults_injected("storm") == 4
     # Planning got through; the run stops at the next check, before Ray: the missing bucket.
     assert run.returncode == 2 and "the bucket does not exist" in run.stderr, run.stderr
 
 
 def test_a_storm_on_the_outputs_listing_before_ray_ends_in_one_line(
-    proxy, store, tiny_hf_checkpoint
+    proxy, module_ray, store, tiny_hf_checkpoint
 ):
     output = f"s3://{OUTPUTS}/listing-storm"
     proxy.start_storm(rf"^/{OUTPUTS}/?$", methods="GET", query="prefix=listing-storm", status=500)
 
-    run = ast_label(
-        proxy, "run", shard_uri(0), "--output", output, "--model", str(tiny_hf_checkpoint)
-    )
+    model = str(tiny_hf_checkpoint)
+    run = ast_label(proxy, module_ray, "run", shard_uri(0), "--output", output, "--model", model)
 
     assert proxy.faults_injected("storm") > 0
     assert "Traceback" not in run.stderr
