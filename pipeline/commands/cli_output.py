@@ -16,6 +16,21 @@ from pipeline.commands.cli_core import main, note
 # --- inspect -------------------------------------------------------------------------------------
 
 
+JSON_OBJECT = click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object on stdout instead of text."
+)
+
+
+def plot_option(what: str):
+    """--plot FILE, the picture being `what`."""
+    return click.option(
+        "--plot",
+        metavar="FILE",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help=f"Also draw {what}. Needs the plot extra (matplotlib).",
+    )
+
+
 @main.command("inspect")
 @click.argument("output")
 @click.option("--label", "-l", help="Show the files where this label scores at least --min-score.")
@@ -32,14 +47,11 @@ from pipeline.commands.cli_core import main, note
     type=click.IntRange(min=0),
     help="Rows shown per table (0: all).",
 )
-@click.option(
-    "--plot",
-    metavar="FILE",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also draw the label distribution and long files' timelines: FILE.png (.svg, .pdf), "
-    "or FILE.html for a report with the tables. Needs the plot extra (matplotlib).",
+@plot_option(
+    "the label distribution and long files' timelines: FILE.png (.svg, .pdf), or FILE.html for "
+    "a report with the tables"
 )
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout instead of text.")
+@JSON_OBJECT
 def inspect_command(
     output: str,
     label: str | None,
@@ -128,14 +140,8 @@ def _search_progress():
     "--norm-stats",
     help="With --to, for an output made with --norm-stats: the same norm-stats JSON.",
 )
-@click.option(
-    "--plot",
-    metavar="FILE",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also draw the ranking and where in each file the match lies: FILE.png (.svg, .pdf). "
-    "Needs the plot extra (matplotlib).",
-)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout instead of text.")
+@plot_option("the ranking and where in each file the match lies: FILE.png (.svg, .pdf)")
+@JSON_OBJECT
 def similar_command(output: str, plot: Path | None, as_json: bool, **options) -> None:
     """The files of OUTPUT that sound most like a clip (--to) or one of its files (--key): the
     cosine similarity of embeddings, each file's best window against the query's window. Uses
@@ -217,7 +223,7 @@ def index_command(output: str, rebuild: bool) -> None:
     help="Write one row per file of a group (group, keep, file, shard, key, windows, duration_s, "
     "similarity) to FILE or URI, '-' for stdout; drop the rows where keep is false.",
 )
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout instead of text.")
+@JSON_OBJECT
 @click.option(
     "--top",
     default=defaults.INSPECT_TOP,
