@@ -83,6 +83,7 @@ def test_demo_corpus_has_long_stereo_mixed_and_broken_files(corpus):
     assert len(set(keys)) * 2 == len(keys)
 
 
+@pytest.mark.slow  # compares against the demo run's own corpus
 def test_demo_corpus_is_reproducible(corpus, demo_run):
     first = corpus
     again = demo_run[0].corpus  # the demo wrote its own, with the default seed (0)
