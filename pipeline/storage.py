@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -275,16 +275,31 @@ def is_credentials_problem(error: BaseException) -> bool:
     """Whether the store refused the credentials themselves: none found, or keys or a token it
     does not accept (an access denied to valid keys is a permission, not this)."""
     botocore_errors = sys.modules.get("botocore.exceptions")
-    for candidate in (error, error.__cause__, error.__context__):
-        if candidate is None:
-            continue
+    for candidate in _causes(error):
         if botocore_errors is not None and isinstance(
             candidate, botocore_errors.NoCredentialsError | botocore_errors.PartialCredentialsError
         ):
             return True
         if _s3_error_code(candidate) in _CREDENTIAL_CODES:
             return True
-    return any(code in str(error) for code in _CREDENTIAL_CODES)
+    # An error that crossed a process boundary keeps only its text: botocore's own wording,
+    # "An error occurred (InvalidAccessKeyId) when calling ...", not a file name that happens to
+    # contain a code.
+    return any(f"({code})" in str(error) for code in _CREDENTIAL_CODES)
+
+
+def _causes(error: BaseException, depth: int = 6) -> Iterator[BaseException]:
+    """The error, then what caused it (raise ... from) or was being handled, a few levels down:
+    s3fs raises its PermissionError while handling botocore's ClientError, and ours wrap both."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending and len(seen) < depth:
+        candidate = pending.pop(0)
+        if candidate is None or id(candidate) in seen:
+            continue
+        seen.add(id(candidate))
+        yield candidate
+        pending += [candidate.__cause__, candidate.__context__]
 
 
 def is_permanent(error: BaseException) -> bool:

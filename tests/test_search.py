@@ -166,6 +166,12 @@ def test_an_index_rerun_adds_only_the_new_units(tmp_path, monkeypatch):
     names = sorted(os.listdir(tmp_path / "out" / INDEX_DIR))
     assert len(names) == 1 + 2 * len(manifest.segments)  # manifest + each segment's two files
 
+    # Nothing new: the small segment stays as it is too, files and all.
+    again = invoke("index", out)
+    assert again.exit_code == 0 and "the index is up to date" in again.stdout
+    assert read_manifest(open_output(out)) == manifest
+    assert sorted(os.listdir(tmp_path / "out" / INDEX_DIR)) == names
+
 
 def test_a_killed_index_leaves_nothing_that_similar_trusts(tmp_path):
     out = str(tmp_path / "out")
@@ -262,7 +268,8 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path):
     )
     one_line_error(invoke("similar", str(tmp_path / "none"), "--key", "a:b"), "no output at")
     one_line_error(invoke("similar", out, "--key", "x", "--plot", tmp_path / "a.gif"), "--plot")
-    one_line_error(invoke("near-duplicates", out, "--min-similarity", "0"), "0")
+    one_line_error(invoke("near-duplicates", out, "--min-similarity", "0"), "--min-similarity")
+    one_line_error(invoke("near-duplicates", out, "--csv", "-", "--json"), "both write to stdout")
 
     # An output whose files hold no embedding column.
     bare = str(tmp_path / "bare")

@@ -186,8 +186,9 @@ def index_command(output: str, rebuild: bool) -> None:
     opened = open_output(output)
     progress = _search_progress()
     try:
-        on_unit = progress("index", len(opened.files))
-        report = update_index(opened, rebuild, note=note, on_unit=on_unit)
+        report = update_index(
+            opened, rebuild, note=note, progress=lambda units: progress("index", units)
+        )
     finally:
         progress.finish()
     manifest = report.manifest
@@ -240,6 +241,8 @@ def near_duplicates_command(
     from pipeline.search.report import duplicates_csv, duplicates_json, format_duplicates
     from pipeline.storage import filesystem_for, put_file
 
+    if csv_file == "-" and as_json:
+        raise click.UsageError("--csv - and --json both write to stdout: give --csv a file")
     progress = _search_progress()
     try:
         report = find_near_duplicates(output, min_similarity, progress=progress)

@@ -71,7 +71,7 @@ class Progress:
                 self.write("\r" + " " * self._width + "\r")
                 self._width = 0
             self.write(line + "\n")
-            if self.live:
+            if self.live and not self._stop.is_set():  # after finish(), no line to bring back
                 self._show()
 
     def start_labeling(
@@ -110,7 +110,9 @@ class Progress:
 
     def finish(self) -> None:
         """Stops the ticker; a terminal's line is cleared (the summary follows), a log gets the
-        last line."""
+        last line. Once: the run and the command around it may both call it."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._ticker:
             self._ticker.join()

@@ -73,12 +73,13 @@ def update_index(
     output: CommittedOutput,
     rebuild: bool = False,
     note: Callable[[str], None] = lambda line: None,
-    on_unit: Callable[[int], None] | None = None,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
 ) -> IndexReport:
     """Indexes the committed units the index does not hold as they are (all with `rebuild`):
     writes their segments, then the manifest (the commit point), then deletes the files no
-    manifest names. Big segments whose units are all unchanged are kept; small ones are folded
-    into the new segments."""
+    manifest names. Segments whose units are all unchanged are kept; when there are new units,
+    the small (flat) ones are folded into the new segments. `progress(units)` gives the callback
+    that each unit read this time reports to."""
     import faiss
 
     dim = embedding_size(output)
@@ -88,15 +89,21 @@ def update_index(
     reason = "--rebuild" if rebuild else None
     if old is not None and (misfit := index_fits(old, output, dim)):
         reason, old = misfit, None
-    kept = _kept_segments(old, sizes)
-    covered = {unit for segment in kept for unit in segment.units}
+    unchanged = _unchanged_segments(old, sizes)
+    kept = [segment for segment in unchanged if segment.kind == "ivf"]
+    if all(unit_id_of(path) in _units_of(unchanged) for path in output.files):
+        kept = unchanged  # nothing new: the small segments stay too
+    covered = _units_of(kept)
     todo = [path for path in output.files if unit_id_of(path) not in covered]
-    plans = plan_segments(todo, footer_rows(output, todo))
+    rows = dict(zip(todo, footer_rows(output, todo), strict=True))
+    plans = plan_segments(todo, [rows[path] for path in todo])
+    on_unit = progress(len(todo)) if progress and todo else None
     new_segments, written = [], 0
     for number, paths in enumerate(plans, start=1):
         if len(plans) > 1:
             note(f"segment {number}/{len(plans)}: {len(paths)} units")
-        segment, files = _build_segment(output, paths, sizes, dim, on_unit)
+        segment_rows = [rows[path] for path in paths]
+        segment, files = _build_segment(output, paths, segment_rows, sizes, dim, on_unit)
         for name, data in files.items():
             put_file(output.location.fs, output.location.path(name), data)
             written += len(data)
@@ -118,15 +125,18 @@ def update_index(
     return IndexReport(new, len(todo), added, len(new_segments), manifest, written, reason)
 
 
-def _kept_segments(old: Manifest | None, sizes: dict[str, int]) -> list[Segment]:
-    """The big segments whose units are all committed and unchanged (`sizes`: unit id -> the
-    unit file's size now)."""
+def _unchanged_segments(old: Manifest | None, sizes: dict[str, int]) -> list[Segment]:
+    """The segments whose units are all committed and unchanged (`sizes`: unit id -> the unit
+    file's size now)."""
     return [
         segment
         for segment in (old.segments if old else ())
-        if segment.kind == "ivf"
-        and all(sizes.get(u) == b for u, b in zip(segment.units, segment.unit_bytes, strict=True))
+        if all(sizes.get(u) == b for u, b in zip(segment.units, segment.unit_bytes, strict=True))
     ]
+
+
+def _units_of(segments: Sequence[Segment]) -> set[str]:
+    return {unit for segment in segments for unit in segment.units}
 
 
 def footer_rows(output: CommittedOutput, paths: Sequence[str]) -> list[int]:
@@ -163,13 +173,14 @@ def nlist_for(windows: int) -> int:
 def _build_segment(
     output: CommittedOutput,
     paths: list[str],
+    rows: list[int],
     sizes: dict[str, int],
     dim: int,
     on_unit: Callable[[int], None] | None,
 ) -> tuple[Segment, dict[str, bytes]]:
+    """One segment of `paths` (`rows`: each unit file's row count)."""
     import faiss
 
-    rows = footer_rows(output, paths)
     windows = sum(rows)
     if windows >= IVF_MIN_WINDOWS:
         nlist = nlist_for(windows)
