@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.output.reader import list_matrix
+
 # Long files' timelines: how many of each file's labels one shows.
 TIMELINE_LABELS = 4
 # Two windows of a file closer than this (s) belong to one span of a label query.
@@ -195,15 +197,7 @@ def _floats(column: pa.ChunkedArray) -> np.ndarray:
 def _score_matrix(column: pa.ChunkedArray, num_labels: int) -> np.ndarray:
     """A fixed_size_list<float32>[C] column -> (N, C) float32 that the caller may write to; null
     rows hold whatever their slots hold (the caller masks them)."""
-    scores = column.combine_chunks()
-    if isinstance(scores, pa.ChunkedArray):  # an empty column stays chunked
-        return np.zeros((0, num_labels), np.float32)
-    # .values ignores a slice's offset: take the child range of exactly these rows.
-    flat = scores.values.slice(scores.offset * num_labels, len(scores) * num_labels)
-    values = flat.to_numpy(zero_copy_only=False)
-    if values.dtype != np.float32 or not values.flags.writeable:
-        values = values.astype(np.float32)  # a copy the caller may write to
-    return values.reshape(len(scores), num_labels)  # (N, C)
+    return np.array(list_matrix(column, num_labels))  # a copy: the view is read-only
 
 
 def _spans(files: _FileGroups, hit: np.ndarray, start_s: np.ndarray, end_s: np.ndarray) -> pa.Array:

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from pipeline.heads.examples import ExamplesError, ExampleSpec, FileRef
 from pipeline.labeling.plan import input_kind
-from pipeline.output.reader import CommittedOutput
+from pipeline.output.reader import CommittedOutput, embedding_size, list_matrix
 from pipeline.settings import LabelingOptions
 
 if TYPE_CHECKING:  # the run's progress display; the run itself loads only when used
@@ -239,7 +239,7 @@ def read_from_output(spec: ExampleSpec, output: CommittedOutput, how: str = "") 
             f"{spec.location} name ({len(missing)} such): label them with `ast-label run` into "
             "that output, or leave them out of the examples"
         )
-    hidden = output.schema.field("embedding").type.list_size
+    hidden = embedding_size(output, "a head has nothing to learn from")
     vectors = _embedding_matrix(table, hidden)  # (R, D), zeros on error rows
     errors = table["error"].to_pylist()
     starts = table["start_s"].to_numpy()
@@ -283,8 +283,5 @@ def _example_rows(spec: ExampleSpec, output: CommittedOutput) -> pa.Table:
 
 def _embedding_matrix(table: pa.Table, hidden: int) -> np.ndarray:
     """(R, D) float32 of the embedding column; rows without one (errors) hold zeros."""
-    column = table["embedding"].combine_chunks()
-    valid = column.is_valid().to_numpy(zero_copy_only=False)  # (R,) bool
-    matrix = np.zeros((len(table), hidden), dtype=np.float32)
-    matrix[valid] = np.asarray(column.flatten(), dtype=np.float32).reshape(-1, hidden)
-    return matrix
+    valid = np.asarray(table["embedding"].is_valid(), dtype=bool)  # (R,)
+    return np.where(valid[:, None], list_matrix(table["embedding"], hidden), np.float32(0))

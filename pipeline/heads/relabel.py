@@ -34,11 +34,12 @@ from pipeline.output.index import read_commit_markers, write_index
 from pipeline.output.layout import (
     OutputLocation,
     check_output_writable,
+    unit_id_of,
     write_head_labels_table,
     write_labels_table,
     write_summary,
 )
-from pipeline.output.reader import CommittedOutput, open_output
+from pipeline.output.reader import CommittedOutput, embedding_size, list_matrix, open_output
 from pipeline.output.resume import check_resume
 from pipeline.output.schema import HEAD_COLUMNS, OutputSpec, head_columns
 from pipeline.storage import StorageError, error_reason, with_retries
@@ -78,7 +79,8 @@ def relabel(
     progress.phase("reading the output and the head")
     source = open_output(config.source)
     head = load_head(config.head)
-    head.check_base(source.metadata.get("weights_sha256", ""), _hidden_size(source), source.uri)
+    hidden_size = embedding_size(source, "a head has nothing to read")
+    head.check_base(source.metadata.get("weights_sha256", ""), hidden_size, source.uri)
     location = OutputLocation.of(config.output)
     if location == source.location:
         raise UserError(f"--output {config.output} is the output being relabeled: give a new one")
@@ -95,7 +97,7 @@ def relabel(
     )
     committed, outcome = dict(resume.units), CommitOutcome({}, {})
     if todo:
-        outcome = _relabel_units(todo, source, spec, config, progress)
+        outcome = _relabel_units(todo, source, spec, head, config, progress)
         committed.update(outcome.committed)
         write_index(location, committed.values())
     progress.finish()
@@ -120,17 +122,10 @@ def relabeled_spec(source: CommittedOutput, head: Head, location: OutputLocation
     return OutputSpec(
         location=location,
         run_id=uuid.uuid4().hex[:12],
-        hidden_size=_hidden_size(source),
+        hidden_size=head.hidden_size,  # the source's: check_base made sure
         num_labels=len(source.label_names),
         file_metadata=described,
     )
-
-
-def _hidden_size(source: CommittedOutput) -> int:
-    embedding = source.schema.field("embedding").type if source.schema else None
-    if embedding is None or not pa.types.is_fixed_size_list(embedding):
-        raise UserError(f"{source.uri} holds no embeddings: a head has nothing to read")
-    return embedding.list_size
 
 
 def _source_units(source: CommittedOutput) -> list[SourceUnit]:
@@ -138,7 +133,7 @@ def _source_units(source: CommittedOutput) -> list[SourceUnit]:
     markers = read_commit_markers(source.location)
     units = []
     for path in source.files:
-        unit_id = path.rsplit("/", 1)[-1][: -len(".parquet")]
+        unit_id = unit_id_of(path)
         marker = markers.get(unit_id)
         units.append(SourceUnit(unit_id, path, marker.sources if marker else ()))
     return units
@@ -148,13 +143,13 @@ def _relabel_units(
     units: list[SourceUnit],
     source: CommittedOutput,
     spec: OutputSpec,
+    head: Head,
     config: RelabelConfig,
     progress: RunProgress,
 ) -> CommitOutcome:
     """The units on Ray: each read task relabels and commits its slice of unit files."""
     progress.phase("starting Ray")
     init_ray(config.address, verbose=config.verbose)
-    head = load_head(config.head)
     datasource = UnitFileSource(units, source.location, spec, head)
     dataset = ray.data.read_datasource(datasource, override_num_blocks=datasource.task_count)
     progress.start_labeling(len(units), tar_shards=False, files=None, input_bytes=0)
@@ -248,11 +243,7 @@ def _relabeled(unit: SourceUnit, source: OutputLocation, spec: OutputSpec, head:
         lambda: pq.read_table(unit.path, filesystem=fs), f"cannot read {source.uri_of(unit.path)}"
     )
     labeled = np.asarray(table["error"].is_null())  # (N,)
-    embedding = table["embedding"].combine_chunks()
-    flat = embedding.values.slice(
-        embedding.offset * head.hidden_size, len(embedding) * head.hidden_size
-    )
-    matrix = flat.to_numpy(zero_copy_only=False).reshape(len(embedding), head.hidden_size)  # (N, D)
+    matrix = list_matrix(table["embedding"], head.hidden_size)  # (N, D), error rows masked
     scores = np.zeros((len(matrix), head.num_labels), dtype=np.float32)
     scores[labeled] = head.scores(matrix[labeled])
     added = head_columns(scores, ~labeled, spec)

@@ -114,6 +114,11 @@ def unit_file_name(unit_id: str) -> str:
     return f"{unit_id}.parquet"
 
 
+def unit_id_of(path: str) -> str:
+    """The unit id of a unit file's path: unit_file_name's inverse."""
+    return posixpath.basename(path)[: -len(".parquet")]
+
+
 def check_name(what: str, name: str) -> None:
     if not _SAFE_NAME.match(name):
         raise ValueError(

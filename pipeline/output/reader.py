@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.defaults import META_DIR
 from pipeline.errors import UserError
 from pipeline.output.index import list_markers
-from pipeline.output.layout import METADATA_KEY, OutputLocation
+from pipeline.output.layout import METADATA_KEY, OutputLocation, unit_id_of
 from pipeline.storage import error_reason, list_folder, with_retries
 
 T = TypeVar("T")
@@ -57,7 +58,7 @@ def committed_unit_files(
     names = [name for name in names if name.rstrip("/") != root.rstrip("/")]
     exists = bool(names) or with_retries(lambda: _exists(fs, root), f"cannot list {location.uri}")
     unit_files = {
-        posixpath.basename(name)[: -len(".parquet")]: name
+        unit_id_of(name): name
         for name in names
         if name.endswith(".parquet") and not posixpath.basename(name).startswith((".", "_"))
     }
@@ -174,3 +175,43 @@ def _file_metadata(output: CommittedOutput, path: str) -> tuple[pa.Schema, dict[
             f"{scores_type}; it was not written by ast-label"
         )
     return schema, metadata
+
+
+class NoEmbeddings(UserError):
+    """The output has no usable embedding column."""
+
+
+def embedding_size(output: CommittedOutput, purpose: str) -> int:
+    """D, the embedding's size; NoEmbeddings (saying `purpose`, what is not possible without them)
+    when the output does not hold them."""
+    schema = output.schema
+    if schema is None or "embedding" not in schema.names:
+        raise NoEmbeddings(f"{output.uri} has no embedding column: {purpose}")
+    kind = schema.field("embedding").type
+    if not pa.types.is_fixed_size_list(kind) or not pa.types.is_floating(kind.value_type):
+        raise NoEmbeddings(
+            f"{output.uri}: its embedding column is {kind}, not fixed_size_list<float32>; "
+            "it was not written by ast-label"
+        )
+    return int(kind.list_size)
+
+
+def list_matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """A fixed_size_list<float>[W] column (embedding, scores, head_scores) -> (N, W) float32,
+    read-only; null rows hold whatever their slots hold (the caller masks them)."""
+    array = column
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 0:
+            return np.zeros((0, width), np.float32)
+        # combine_chunks copies even a single chunk.
+        array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    # .values ignores a slice's offset: the rows' values start at (offset * W) in the child.
+    flat = array.values
+    if flat.type == pa.float32():
+        # A view of the values buffer: the child of a null row is null too, and to_numpy would
+        # copy the whole matrix to put NaN there (a third of exact search's time).
+        start = (flat.offset + array.offset * width) * 4
+        values = np.frombuffer(flat.buffers()[1], np.float32, len(array) * width, start)
+    else:
+        values = flat.slice(array.offset * width, len(array) * width).to_numpy(zero_copy_only=False)
+    return values.astype(np.float32, copy=False).reshape(len(array), width)

@@ -31,8 +31,9 @@ import pyarrow.compute as pc
 
 from pipeline.defaults import DUPLICATE_MIN_SIMILARITY
 from pipeline.errors import UserError
+from pipeline.output.layout import unit_id_of
 from pipeline.output.reader import CommittedOutput, open_output
-from pipeline.search.windows import embedding_size, scan_windows, unit_id_of
+from pipeline.search.windows import scan_windows, search_dim
 
 DURATION_TOLERANCE_S = 0.5
 DUPLICATE_DEFINITION = (
@@ -107,7 +108,7 @@ def find_near_duplicates(
 
 
 def _scan_files(output: CommittedOutput, on_unit: Callable[[int], None] | None) -> _Files:
-    dim = embedding_size(output)
+    dim = search_dim(output)
     units, ordinals, counts, durations, first_keys, firsts = [], [], [], [], [], []
     for batch in scan_windows(output, None, ("window_index", "duration_s"), on_unit):
         if not len(batch.files):

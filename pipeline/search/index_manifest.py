@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.defaults import META_DIR
+from pipeline.output.layout import unit_id_of
 from pipeline.output.reader import CommittedOutput
-from pipeline.search.windows import unit_id_of
 from pipeline.storage import StorageError, list_folder, read_files, with_retries
 
 INDEX_DIR = f"{META_DIR}/neighbours"

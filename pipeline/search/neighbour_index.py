@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.output.layout import unit_id_of
 from pipeline.output.reader import CommittedOutput
 from pipeline.search.index_manifest import (
     INDEX_DIR,
@@ -35,7 +36,7 @@ from pipeline.search.index_manifest import (
     read_manifest,
     unit_sizes,
 )
-from pipeline.search.windows import embedding_size, scan_windows, unit_id_of
+from pipeline.search.windows import scan_windows, search_dim
 from pipeline.storage import delete_path, is_temp_name, list_folder, put_file, with_retries
 
 # Segments smaller than this are exact (Flat): k-means needs data, and scanning 50k vectors takes
@@ -82,7 +83,7 @@ def update_index(
     that each unit read this time reports to."""
     import faiss
 
-    dim = embedding_size(output)
+    dim = search_dim(output)
     sizes = unit_sizes(output)
     previous = read_manifest(output)
     old = None if rebuild else previous

@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import UserError
-from pipeline.output.reader import CommittedOutput
-from pipeline.search.windows import READ_THREADS, embedding_matrix, embedding_size, in_order
+from pipeline.output.reader import CommittedOutput, list_matrix
+from pipeline.search.windows import READ_THREADS, in_order, search_dim
 from pipeline.settings import LabelingOptions
 
 # The query's top labels shown beside it.
@@ -67,7 +67,7 @@ def make_query(output: CommittedOutput, request: QueryRequest) -> Query:
         raise QueryError("give either --to CLIP or --key SHARD:KEY")
     if request.start_s is not None and (request.start_s < 0 or not math.isfinite(request.start_s)):
         raise QueryError(f"--start-s {request.start_s} must be a time from 0 on, in seconds")
-    embedding_size(output)  # NoEmbeddings before any model is loaded
+    search_dim(output)  # NoEmbeddings before any model is loaded
     if request.clip is not None:
         return _clip_query(output, request)
     if request.model or request.norm_stats:
@@ -210,9 +210,9 @@ def _key_query(output: CommittedOutput, request: QueryRequest) -> Query:
         why = f": {reason[0].as_py()}" if len(reason) else ""
         raise QueryError(f"--key {request.key}: that file has no embedding{why}")
     rows = rows.filter(pa.array(ok))
-    dim = embedding_size(output)
-    vectors = embedding_matrix(rows["embedding"], dim)  # (W, D)
-    scores = embedding_matrix(rows["scores"], len(output.label_names))  # (W, C)
+    dim = search_dim(output)
+    vectors = list_matrix(rows["embedding"], dim)  # (W, D)
+    scores = list_matrix(rows["scores"], len(output.label_names))  # (W, C)
     start_s = np.asarray(rows["start_s"], dtype=np.float64)
     end_s = np.asarray(rows["end_s"], dtype=np.float64)
     chosen = choose_window(start_s, end_s, scores, request.start_s)

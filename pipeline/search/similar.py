@@ -25,12 +25,13 @@ import pyarrow.dataset as pads
 
 from pipeline.defaults import SIMILAR_K
 from pipeline.errors import UserError
-from pipeline.output.reader import CommittedOutput, open_output
+from pipeline.output.layout import unit_id_of
+from pipeline.output.reader import CommittedOutput, list_matrix, open_output
 from pipeline.search.exact import BestFiles, FileHit, exact_search
 from pipeline.search.index_manifest import index_fits, read_manifest, unit_sizes
 from pipeline.search.index_search import LoadedIndex
 from pipeline.search.query import Query, QueryRequest, make_query
-from pipeline.search.windows import embedding_matrix, embedding_size, unit_id_of, unit_lengths
+from pipeline.search.windows import search_dim, unit_lengths
 
 # Windows asked of the index per file wanted, at first; then 4x more until k files are found.
 WINDOWS_PER_FILE = 4
@@ -121,7 +122,7 @@ def _search_index(
     manifest = read_manifest(output)
     if manifest is None:
         return list(output.files)
-    misfit = index_fits(manifest, output, embedding_size(output))
+    misfit = index_fits(manifest, output, search_dim(output))
     if misfit:
         result.notes.append(f"the index is not used: {misfit}; run `ast-label index --rebuild`")
         return list(output.files)
@@ -190,13 +191,13 @@ def _describe_unit(
         lambda: fragment.to_table(columns=columns, filter=pc.field("key").isin(list(wanted))),
         path,
     )
-    dim = embedding_size(output)
+    dim = search_dim(output)
     matches = []
     for key, hit in wanted.items():
         rows = table.filter(pc.equal(table["key"], key))
         rows = rows.take(pc.sort_indices(rows, [("window_index", "ascending")]))
         rows = rows.filter(pc.and_(pc.is_null(rows["error"]), pc.is_valid(rows["embedding"])))
-        usable, vectors = unit_lengths(embedding_matrix(rows["embedding"], dim))  # (W, D)
+        usable, vectors = unit_lengths(list_matrix(rows["embedding"], dim))  # (W, D)
         rows = rows.take(pa.array(usable))
         similarities = vectors @ query.vector  # (W,)
         best = int(np.argmax(similarities))

@@ -16,7 +16,6 @@ ordinal (0, 1, 2... in the unit) is counted as the keys change, across row group
 
 from __future__ import annotations
 
-import posixpath
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,8 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipeline.errors import UserError
-from pipeline.output.reader import CommittedOutput
+from pipeline.output.layout import unit_id_of
+from pipeline.output.reader import CommittedOutput, embedding_size, list_matrix
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,10 +38,6 @@ R = TypeVar("R")
 READ_THREADS = 4
 # Unit footers read ahead of the row groups (one small read each).
 FOOTERS_AHEAD = 8
-
-
-class NoEmbeddings(UserError):
-    """The output has no usable embedding column."""
 
 
 @dataclass(frozen=True)
@@ -66,22 +61,9 @@ class WindowBatch:
         return (self.raw @ query) / self.norms
 
 
-def unit_id_of(path: str) -> str:
-    return posixpath.basename(path)[: -len(".parquet")]
-
-
-def embedding_size(output: CommittedOutput) -> int:
-    """D, the embedding's size; NoEmbeddings when the output does not hold them."""
-    schema = output.schema
-    if schema is None or "embedding" not in schema.names:
-        raise NoEmbeddings(f"{output.uri} has no embedding column: nothing to search")
-    kind = schema.field("embedding").type
-    if not pa.types.is_fixed_size_list(kind) or not pa.types.is_floating(kind.value_type):
-        raise NoEmbeddings(
-            f"{output.uri}: its embedding column is {kind}, not fixed_size_list<float32>; "
-            "it was not written by ast-label"
-        )
-    return int(kind.list_size)
+def search_dim(output: CommittedOutput) -> int:
+    """D, the size of the embeddings searched; NoEmbeddings (exit 2) when there are none."""
+    return embedding_size(output, "nothing to search")
 
 
 def unit_lengths(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +88,7 @@ def scan_windows(
     """Every labeled window of the units (default: all committed), unit by unit in order, each
     row group as one WindowBatch. `on_unit(rows)` is called as each unit is finished (progress).
     Raises NoEmbeddings, UnreadableOutput, or StorageError when the store keeps failing."""
-    dim = embedding_size(output)
+    dim = search_dim(output)
     columns = ["key", "error", "embedding", *extra_columns]
     paths = list(output.files if unit_paths is None else unit_paths)
     fragments = {fragment.path: fragment for fragment in output.dataset().get_fragments()}
@@ -195,7 +177,7 @@ def _window_batch(
     extra_columns: Sequence[str],
 ) -> WindowBatch:
     ok = np.asarray(pc.is_null(table["error"])) & np.asarray(pc.is_valid(table["embedding"]))
-    raw = embedding_matrix(table["embedding"], dim)  # (N, D), a view of the Arrow buffer
+    raw = list_matrix(table["embedding"], dim)  # (N, D), a view of the Arrow buffer
     with np.errstate(invalid="ignore", over="ignore"):  # error rows' slots hold anything
         norms = row_norms(raw)  # (N,)
     usable = ok & np.isfinite(norms) & (norms > 0)
@@ -204,27 +186,6 @@ def _window_batch(
         raw = raw[rows]
     columns = {name: _column(table[name])[rows] for name in extra_columns}
     return WindowBatch(unit_id, rows + first_row, files[rows], raw, norms[rows], columns)
-
-
-def embedding_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    """fixed_size_list<float>[D] -> (N, D) float32, read-only; null rows hold whatever their slots
-    hold (the caller masks them)."""
-    array = column
-    if isinstance(column, pa.ChunkedArray):
-        if column.num_chunks == 0:
-            return np.zeros((0, dim), np.float32)
-        # combine_chunks copies even a single chunk.
-        array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    # .values ignores a slice's offset: the rows' values start at (offset * D) in the child.
-    flat = array.values
-    if flat.type == pa.float32():
-        # A view of the values buffer: the child of a null row is null too, and to_numpy would
-        # copy the whole matrix to put NaN there (a third of exact search's time).
-        start = (flat.offset + array.offset * dim) * 4
-        values = np.frombuffer(flat.buffers()[1], np.float32, len(array) * dim, start)
-    else:
-        values = flat.slice(array.offset * dim, len(array) * dim).to_numpy(zero_copy_only=False)
-    return values.astype(np.float32, copy=False).reshape(len(array), dim)
 
 
 def _column(column: pa.ChunkedArray) -> np.ndarray:
