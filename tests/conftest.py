@@ -21,9 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_LABELS = ("Silence", "Sine wave", "White noise", "Chirp tone", "Click")
 
 
-# The modules that run Ray pipelines of their own, longest first. `make test` runs two pytest-xdist
-# workers, one module at a time each (--dist loadfile), in collection order: started first, the
-# long ones end together instead of one of them running alone at the end.
+# The slowest modules, longest first. `make test` runs two pytest-xdist workers, one module at a
+# time each (--dist loadfile), in collection order: started first, the long ones end together
+# instead of one of them running alone at the end.
 LONGEST_FIRST = (
     "test_faults.py",
     "test_resume.py",

@@ -1,4 +1,4 @@
-"""A real two-node Ray cluster on 127.0.0.1 for tests: a head node and a "GPU" worker node.
+"""Real Ray nodes on 127.0.0.1 for tests. A two-node cluster: a head node and a "GPU" worker node.
 
 The worker advertises one GPU as a Ray resource although the machine has none, so the scheduler
 places GPU actors there exactly as on a real cluster, and the model then runs on that node's CPU.
@@ -7,6 +7,9 @@ Token authentication is on, with a token of the cluster's own (RAY_AUTH_TOKEN_PA
 touches ~/.ray/auth_token, which other local Rays on this machine share. Every `ray start` runs in
 a session of its own; stopping signals exactly the processes of those sessions (never `ray stop`,
 which would end every Ray on the machine).
+
+`start_local_head` starts one node without dashboard or token instead: the Ray that
+`ast-label run --address` joins on a machine where someone keeps `ray start --head` running.
 """
 
 from __future__ import annotations
@@ -38,26 +41,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@dataclass
-class LoopbackCluster:
-    dashboard_url: str  # the Jobs API, http://127.0.0.1:PORT
-    gcs_address: str  # what the head printed for `ray start --address`
-    token_path: Path
+@dataclass(kw_only=True)
+class StartedRay:
+    """The nodes some `ray start`s began, each in a session of its own."""
+
+    gcs_address: str  # what `ray start --address` (and `ast-label run --address`) takes
     temp_dir: Path
     env: dict[str, str]  # the environment the nodes were started with
     session_ids: list[int] = field(default_factory=list)
-
-    @property
-    def token(self) -> str:
-        return self.token_path.read_text().strip()
-
-    def client_env(self, **overrides: str) -> dict[str, str]:
-        """An environment for a CLI process run by the test user: finds the cluster's token."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-        env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
-        env.update(overrides)
-        return env
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, to every process in the sessions our `ray start`s opened."""
@@ -77,7 +68,25 @@ class LoopbackCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def _ray_start(args: list[str], env: dict[str, str], cluster: LoopbackCluster) -> str:
+@dataclass(kw_only=True)
+class LoopbackCluster(StartedRay):
+    dashboard_url: str  # the Jobs API, http://127.0.0.1:PORT
+    token_path: Path
+
+    @property
+    def token(self) -> str:
+        return self.token_path.read_text().strip()
+
+    def client_env(self, **overrides: str) -> dict[str, str]:
+        """An environment for a CLI process run by the test user: finds the cluster's token."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+        env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
+        env.update(overrides)
+        return env
+
+
+def _ray_start(args: list[str], env: dict[str, str], cluster: StartedRay) -> str:
     # start_new_session: the child calls setsid(), so its PID is the session id that every Ray
     # process it spawns inherits.
     process = subprocess.Popen(
@@ -190,7 +199,7 @@ def _node_ports() -> list[str]:
     ]
 
 
-def start_local_head(env: dict[str, str], cpus: int = 2) -> LoopbackCluster:
+def start_local_head(env: dict[str, str], cpus: int = 2) -> StartedRay:
     """One node on 127.0.0.1 without dashboard or token: the Ray that `ast-label run --address`
     joins when someone keeps a `ray start --head` running on their machine.
 
@@ -203,13 +212,7 @@ def start_local_head(env: dict[str, str], cpus: int = 2) -> LoopbackCluster:
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         RAY_USAGE_STATS_ENABLED="0",
     )
-    cluster = LoopbackCluster(
-        dashboard_url="",
-        gcs_address=f"127.0.0.1:{free_port()}",
-        token_path=temp_dir / "no-token",
-        temp_dir=temp_dir,
-        env=env,
-    )
+    cluster = StartedRay(gcs_address=f"127.0.0.1:{free_port()}", temp_dir=temp_dir, env=env)
     try:
         _ray_start(
             [

@@ -68,6 +68,9 @@ QUICK_RETRIES = {
     "AST_LABEL_S3_ATTEMPTS": "3",
     "AST_LABEL_S3_TIMEOUT_S": str(S3_TIMEOUT_S),
 }
+# For the commands that must fail before Ray: nothing listens there, so one that got as far as
+# joining Ray would fail on that instead, with another message.
+NO_RAY = "127.0.0.1:1"
 SCORE_TOLERANCE = 1e-5  # the same model on the same windows; batches may be grouped differently
 MiB = 2**20
 
@@ -455,7 +458,7 @@ def test_a_plain_rerun_after_the_storms_labels_exactly_the_units_that_did_not_co
 
 @pytest.mark.parametrize("case", ["missing bucket", "access denied", "a file"])
 def test_an_unusable_output_fails_before_ray_in_one_line(
-    case, proxy, module_ray, store, tiny_hf_checkpoint, tmp_path
+    case, proxy, store, tiny_hf_checkpoint, tmp_path
 ):
     if case == "missing bucket":
         output, expected = "s3://no-such-bucket-for-faults/out", "the bucket does not exist"
@@ -467,7 +470,7 @@ def test_an_unusable_output_fails_before_ray_in_one_line(
         Path(output).write_bytes(b"not a folder")
 
     model = str(tiny_hf_checkpoint)
-    run = ast_label(proxy, module_ray, "run", shard_uri(0), "--output", output, "--model", model)
+    run = ast_label(proxy, NO_RAY, "run", shard_uri(0), "--output", output, "--model", model)
 
     assert run.returncode == 2, run.stderr[-3000:]
     assert run.stdout == ""
@@ -475,7 +478,7 @@ def test_an_unusable_output_fails_before_ray_in_one_line(
     assert expected in run.stderr and output in run.stderr
     assert SECRET not in run.stderr
     # No retries of a missing bucket or a denied write: one PUT (or none), in a few seconds
-    # (most of them go to importing torch and loading the model).
+    # (most of them go to starting Python and checking the model's files).
     assert proxy.requests_seen("PUT") <= 1
     assert run.wall_s < 30, run.wall_s
 
@@ -688,7 +691,7 @@ def test_an_object_replaced_while_being_read_is_a_storage_fault_not_spliced_byte
 
 
 def test_a_burst_of_5xx_at_planning_shorter_than_the_retries_does_not_stop_the_run(
-    proxy, module_ray, store, tiny_hf_checkpoint
+    proxy, store, tiny_hf_checkpoint
 ):
     # Four 500s outlast the client's own three attempts, not with_retries' 3 x 3.
     proxy.start_storm(rf"^/{INPUTS}/?$", methods="GET", query="list-type", status=500,
@@ -696,7 +699,7 @@ def test_a_burst_of_5xx_at_planning_shorter_than_the_retries_does_not_stop_the_r
     output = "s3://no-such-bucket-for-faults/out"
 
     run = ast_label(
-        proxy, module_ray, "run", INPUT_GLOB, "--output", output, "--model", str(tiny_hf_checkpoint)
+        proxy, NO_RAY, "run", INPUT_GLOB, "--output", output, "--model", str(tiny_hf_checkpoint)
     )
 
     assert proxy.faults_injected("storm") == 4
@@ -705,13 +708,13 @@ def test_a_burst_of_5xx_at_planning_shorter_than_the_retries_does_not_stop_the_r
 
 
 def test_a_storm_on_the_outputs_listing_before_ray_ends_in_one_line(
-    proxy, module_ray, store, tiny_hf_checkpoint
+    proxy, store, tiny_hf_checkpoint
 ):
     output = f"s3://{OUTPUTS}/listing-storm"
     proxy.start_storm(rf"^/{OUTPUTS}/?$", methods="GET", query="prefix=listing-storm", status=500)
 
     model = str(tiny_hf_checkpoint)
-    run = ast_label(proxy, module_ray, "run", shard_uri(0), "--output", output, "--model", model)
+    run = ast_label(proxy, NO_RAY, "run", shard_uri(0), "--output", output, "--model", model)
 
     assert proxy.faults_injected("storm") > 0
     assert "Traceback" not in run.stderr

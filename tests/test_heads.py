@@ -264,16 +264,6 @@ def test_training_from_an_output_equals_training_from_the_same_audio(
         on_ray.examples.embeddings, examples.embeddings, atol=1e-4, rtol=1e-4
     )
     for head in (on_ray.head, from_output):
-        print(
-            "largest differences from the in-process head: scores",
-            np.abs(
-                head.scores(examples.embeddings) - in_process.head.scores(examples.embeddings)
-            ).max(),
-            "thresholds",
-            np.abs(head.thresholds - in_process.head.thresholds).max(),
-            "embeddings",
-            np.abs(on_ray.examples.embeddings - examples.embeddings).max(),
-        )
         np.testing.assert_allclose(
             head.scores(examples.embeddings),
             in_process.head.scores(examples.embeddings),
@@ -474,11 +464,16 @@ def test_bad_options_are_refused_before_any_work(separable, tmp_path, arguments,
     assert message in error_line(code, stderr)
 
 
-def test_an_existing_head_is_kept_unless_overwrite(separable, separable_head, tmp_path):
+def test_an_existing_head_is_kept_unless_overwrite(separable, tmp_path):
     (tmp_path / "head").mkdir()
     (tmp_path / "head" / "notes.txt").write_text("mine")
     code, _, stderr = head_train(str(separable), "-o", str(tmp_path / "head"))
     assert "already holds files: give a new folder, or --overwrite" in error_line(code, stderr)
+    assert (tmp_path / "head" / "notes.txt").read_text() == "mine"
+
+    code, _, stderr = head_train(str(separable), "-o", str(tmp_path / "head"), "--overwrite")
+    assert code == 0, stderr
+    assert load_head(str(tmp_path / "head")).label_names == ("clicking", "sine wave", "white noise")
 
 
 def test_a_manifest_without_labels_is_refused(tmp_path):

@@ -60,7 +60,8 @@ def sorted_rows(output: Path) -> list[tuple]:
             r["window_index"],
             r["start_s"],
             r["end_s"],
-            tuple(round(s, 5) for s in r["scores"]),
+            r["error"],
+            tuple(round(s, 5) for s in r["scores"] or ()),
         )
         for r in table.to_pylist()
     )
@@ -185,10 +186,13 @@ def test_a_folder_that_grows_three_times_is_labeled_as_one_run_over_the_final_fo
 
     again = run_here(corpus, output)
     assert again.already_labeled + again.new_inputs == 21 and again.already_labeled >= 7
-    write_clips(corpus, 21, 3)  # grows once more
+    write_clips(corpus, 21, 3)  # grows a second time
+    third = run_here(corpus, output)
+    assert (third.already_labeled, third.new_inputs, third.gone) == (21, 3, 0)
+    write_clips(corpus, 24, 2)  # and a third
     last = run_here(corpus, output)
-    assert (last.already_labeled, last.new_inputs, last.gone) == (21, 3, 0)
-    assert last.files == 24 and last.complete
+    assert (last.already_labeled, last.new_inputs, last.gone) == (24, 2, 0)
+    assert last.files == 26 and last.complete
 
     run_here(corpus, tmp_path / "at-once")
     assert file_rows(output) == file_rows(tmp_path / "at-once")  # each file once, same numbers

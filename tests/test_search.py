@@ -233,7 +233,7 @@ def test_near_duplicates_need_every_aligned_window_to_match(tmp_path, monkeypatc
         ["1", "false", "shard-000000.tar:original"],
         ["1", "false", "shard-000001.tar:again"],
     ]
-    for exact_under in (duplicates.EXACT_UNDER_FILES, 0):  # exact blocks, then FAISS IVF
+    for exact_under in (duplicates.EXACT_UNDER_FILES, 0):  # exact blocks, then k-means cells
         monkeypatch.setattr(duplicates, "EXACT_UNDER_FILES", exact_under)
         result = invoke("near-duplicates", out, "--csv", "-")
         assert result.exit_code == 0, result.output

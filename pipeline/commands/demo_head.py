@@ -3,11 +3,12 @@ can only call by the nearest class it knows, and a head that learns them from a 
 
 `ast-label demo` writes a shard of such clips into its corpus (so the run labels them, wrongly,
 as the model must) and a folder of examples, one subfolder per class; its report then shows the
-two commands that train a head on the examples and relabel the output with it:
+commands that train a head on the examples, relabel the output with it, and look:
 
     ast-label head train ast-label-demo/head-examples --output ast-label-demo/head
     ast-label relabel ast-label-demo/labels --head ast-label-demo/head \
         --output ast-label-demo/labels-head
+    ast-label inspect ast-label-demo/labels-head --label Siren
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def write_head_examples(directory: Path, seed: int = 2) -> Path:
 
 
 def recipe(output_dir: Path) -> list[str]:
-    """The report's lines that show what a head adds, with the two commands."""
+    """The report's lines that show what a head adds, with the commands that train, apply and
+    inspect it."""
     examples, head = output_dir / "head-examples", output_dir / "head"
     labels, relabeled = output_dir / "labels", output_dir / "labels-head"
     return [

@@ -78,8 +78,8 @@ class LinearModel:
 
 def fit(embeddings: np.ndarray, targets: np.ndarray, settings: FitSettings) -> LinearModel:
     """(N, D) embeddings, (N, H) bool targets -> the fitted model (float64 throughout)."""
-    scaler = StandardScaler().fit(np.asarray(embeddings, dtype=np.float64))
-    standardised = scaler.transform(np.asarray(embeddings, dtype=np.float64))
+    scaler = StandardScaler()
+    standardised = scaler.fit_transform(np.asarray(embeddings, dtype=np.float64))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         if settings.multi_label:

@@ -11,7 +11,7 @@ A head lives in a folder of its own:
 Scores are sigmoid(logits) for a multi-label head, softmax(logits) for a single-label one; a row's
 labels are the classes whose score reaches their threshold, best first. Any standardisation the
 training used is folded into W and b, so the raw stored embedding goes in as it is. numpy and
-safetensors are all it takes to use one (the README shows the five lines); this module is how
+safetensors are all it takes to use one (the README shows the lines); this module is how
 ast-label itself loads, checks and applies it.
 """
 

@@ -57,7 +57,7 @@ class Placement:
     classifier_actors: int
     cpu_threads: int | None  # torch threads of a CPU classifier (None on GPU)
     read_cpus: float  # Ray's CPU request of a read task
-    on_cluster: bool  # joined a cluster (--address), rather than a Ray of this machine's own
+    on_cluster: bool  # several nodes, or a submitted job (cluster.is_a_cluster): not this machine's
 
     @classmethod
     def for_resources(

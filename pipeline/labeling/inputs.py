@@ -68,8 +68,9 @@ def expand_inputs(
     inputs: Sequence[str], manifest: str | None = None, exclude: Sequence[str] = ()
 ) -> InputFiles:
     """Every input file URI that the inputs and the manifest name. `exclude` names folders whose
-    files are never inputs (the run's own output). Raises InputError for a missing input, a glob
-    or folder with nothing in it, an unreadable manifest, or no inputs at all."""
+    files are never inputs (the run's own output). A manifest's entries that do not exist are
+    returned in `missing` (they become error rows); raises InputError for a missing input on the
+    command line, a glob or folder with nothing in it, an unreadable manifest, or no inputs."""
     specs = [_Spec(spec) for spec in inputs]
     if manifest is not None:
         where = (

@@ -1,6 +1,6 @@
 """One labeling run: the whole flow of a clip, from the inputs to a committed Parquet row.
 
-    plan      the inputs -> work units; what the output holds already is skipped  (driver)
+    plan      the inputs -> work units; what the output holds already is not planned (driver)
     read      fetch, decode, window, fbank                           (Ray read tasks, read.py)
     classify  AST -> embedding, scores, top-k; rows staged as parts  (Ray actors, classify.py)
     commit    staged parts -> one unit file and its marker           (driver, output/commit.py)

@@ -20,7 +20,7 @@ MAX_ERROR_REASONS_SHOWN = 5
 @dataclass
 class RunSummary:
     output: str
-    units: int = 0  # committed units of the output (of the planned inputs)
+    units: int = 0  # committed units of the output, those of inputs gone since included
     units_labeled: int = 0  # ... committed by this run
     files: int = 0  # input files the output holds (tar members, or plain files), labeled or not
     windows: int = 0
