@@ -9,6 +9,7 @@ from typing import Any
 
 from pipeline.commands.inspection import Inspection
 from pipeline.defaults import INSPECT_TOP
+from pipeline.labeling.summary import plural
 
 
 def clock(seconds: float) -> str:
@@ -43,7 +44,7 @@ def format_inspection(inspection: Inspection, top: int = INSPECT_TOP) -> str:
     multi = output.metadata.get("multi_label")
     kind = "sigmoid" if multi else "softmax" if multi is not None else "?"
     lines = [
-        f"{output.uri}: {_plural(counts['unit_files'], 'unit file')}, model {output.model} "
+        f"{output.uri}: {plural(counts['unit_files'], 'unit file')}, model {output.model} "
         f"({len(output.label_names)} labels, {kind} scores)",
         f"files {counts['files']} ({counts['labeled_files']} labeled, "
         f"{counts['files_with_errors']} with errors), windows {counts['windows']}, "
@@ -51,7 +52,7 @@ def format_inspection(inspection: Inspection, top: int = INSPECT_TOP) -> str:
     ]
     if output.uncommitted:
         lines.append(
-            f"  ({_plural(output.uncommitted, 'unit file')} without a commit marker left out: a "
+            f"  ({plural(output.uncommitted, 'unit file')} without a commit marker left out: a "
             "run is in progress or was stopped; `ast-label run` again finishes them)"
         )
     if inspection.error_reasons:
@@ -120,10 +121,6 @@ def _format_matches(inspection: Inspection, top: int) -> list[str]:
     if matches.num_rows > shown.num_rows:
         lines.append(f"  ... and {matches.num_rows - shown.num_rows} more (--top 0 shows all)")
     return lines
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _limited(lines: list[str], top: int) -> list[str]:

@@ -130,7 +130,7 @@ def relabeled_spec(source: CommittedOutput, head: Head, location: OutputLocation
 
 def _source_units(source: CommittedOutput) -> list[SourceUnit]:
     """The source's committed unit files, with the inputs their markers list."""
-    markers = read_commit_markers(source.location)
+    markers = read_commit_markers(source.location, refresh_index=False)  # the source is read only
     units = []
     for path in source.files:
         unit_id = unit_id_of(path)

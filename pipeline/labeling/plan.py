@@ -42,6 +42,7 @@ class Plan:
     skipped: dict[str, int] = field(default_factory=dict)
     already_labeled: int = 0  # inputs that committed units of the output hold already
     input_bytes: int = 0  # the bytes of the units' sources, as listed (0 where unknown)
+    tar_inputs: bool = False  # every input is a tar shard (the summary then says "tar shards")
 
     @property
     def new_inputs(self) -> int:
@@ -71,8 +72,11 @@ def group_work_units(
     if files_per_unit < 1:
         raise ValueError(f"files_per_unit must be >= 1, got {files_per_unit}")
     new = found.uris.difference(labeled)
-    tars = sorted(uri for uri in new if input_kind(uri) == "tar")
-    files = sorted(uri for uri in new if input_kind(uri) == "file")
+    tars, files = [], []
+    for uri in new:
+        (tars if input_kind(uri) == "tar" else files).append(uri)
+    tars.sort()
+    files.sort()
     missing = found.missing
 
     units = [WorkUnit(tar_unit_id(uri), "tar", (uri,), _missing((uri,), missing)) for uri in tars]
@@ -90,7 +94,9 @@ def group_work_units(
         raise RuntimeError(f"work unit ids clash: {clashes[:3]}")
     inputs = frozenset(found.uris)
     input_bytes = sum(found.sizes.get(uri, 0) for uri in new)
-    return Plan(units, inputs, found.skipped, len(inputs) - len(new), input_bytes)
+    tar_inputs = bool(inputs) and not files
+    tar_inputs = tar_inputs and all(input_kind(uri) == "tar" for uri in inputs - new)
+    return Plan(units, inputs, found.skipped, len(inputs) - len(new), input_bytes, tar_inputs)
 
 
 def _missing(sources: tuple[str, ...], missing: frozenset[str]) -> tuple[str, ...]:

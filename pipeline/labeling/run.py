@@ -30,7 +30,7 @@ from pipeline.errors import Interrupted
 from pipeline.heads.head import Head, load_head
 from pipeline.labeling.graph import ModelInObjectStore, Placement, labeling_graph
 from pipeline.labeling.inputs import expand_inputs
-from pipeline.labeling.plan import Plan, group_work_units, input_kind
+from pipeline.labeling.plan import Plan, group_work_units
 from pipeline.labeling.summary import RunSummary, plural, summarise
 from pipeline.output.commit import CommitListener, CommitOutcome, CommittedUnit, Committer
 from pipeline.output.index import write_index
@@ -111,7 +111,7 @@ def run_labeling(
     summary = summarise(config.output, sorted(committed), labeled_now, committed, wall_s)
     summary.units_failed = outcome.failed
     summary.inputs_skipped = plan.skipped
-    summary.inputs, summary.tar_inputs = len(plan.inputs), _all_tar_shards(plan.inputs)
+    summary.inputs, summary.tar_inputs = len(plan.inputs), plan.tar_inputs
     summary.already_labeled, summary.new_inputs, summary.gone = (
         plan.already_labeled,
         plan.new_inputs,
@@ -122,17 +122,13 @@ def run_labeling(
 
 
 def _plan_line(plan: Plan, gone: int, output: str) -> str:
-    inputs = "tar shard" if _all_tar_shards(plan.inputs) else "input"
+    inputs = "tar shard" if plan.tar_inputs else "input"
     units = plural(len(plan.units), "work unit")
     said = f"{plural(len(plan.inputs), inputs)}: {plan.already_labeled} labeled already, "
     said += f"{plan.new_inputs} new ({units} to label)"
     if gone:
         said += f", {gone} no longer in the input (their rows stay)"
     return f"{said} -> {output}"
-
-
-def _all_tar_shards(inputs: frozenset[str]) -> bool:
-    return bool(inputs) and all(input_kind(uri) == "tar" for uri in inputs)
 
 
 def _label_units(

@@ -40,10 +40,13 @@ def list_markers(location: OutputLocation) -> dict[str, float | None]:
     }
 
 
-def read_commit_markers(location: OutputLocation) -> dict[str, CommittedUnit]:
+def read_commit_markers(
+    location: OutputLocation, refresh_index: bool = True
+) -> dict[str, CommittedUnit]:
     """Every committed unit's marker fields: the markers listed (the commit points), their fields
-    taken from the index where it is newer than the marker, read otherwise. Raises StorageError
-    when the output cannot be listed or read."""
+    taken from the index where it is newer than the marker, read otherwise; the index rewritten
+    when many were read (not with `refresh_index=False`: an output only read, never written).
+    Raises StorageError when the output cannot be listed or read."""
     listed = list_markers(location)
     index, index_modified = _read_index(location, listed)
     units = {
@@ -67,7 +70,7 @@ def read_commit_markers(location: OutputLocation) -> dict[str, CommittedUnit]:
                 units[unit_id] = unit
             else:  # never written by commit_unit (its writes are atomic): redo that unit
                 log.warning("ignoring unreadable commit marker %s", path)
-    if len(missing) > INDEX_REFRESH_AFTER:
+    if refresh_index and len(missing) > INDEX_REFRESH_AFTER:
         # A run killed before writing its index: save the next run these reads. Only a cache
         # (the markers stay the commit points): a store that fails it costs a warning.
         try:
